@@ -1,0 +1,110 @@
+"""Resumable training state: tensors in safetensors, scalars and RNG state in JSON.
+
+A checkpoint is two files in ``<run>/checkpoint/``: ``step-<N>.safetensors`` (model parameters and
+buffers, optimizer tensors) and ``step-<N>.json`` (position, counters, optimizer hyper-parameters,
+RNG state, and the SHA-256 of the tensor file). Both are written atomically, the JSON last: it is the
+commit marker, so a checkpoint whose JSON exists and whose hash matches is complete. Older
+checkpoints are removed only after a newer one is committed, so a crash at any instant leaves at
+least one readable checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .io import read_json, write_json, write_with
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            name = f"optim/{pid}/{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, pid, key = name.split("/", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta["scalars"].items():
+        _, pid, key = name.split("/", 2)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(
+    ckpt_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, Any],
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Commit a checkpoint at ``step`` and drop older ones. Returns the JSON path."""
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    tensors.update(opt_tensors)
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
+    stem = ckpt_dir / f"step-{step:09d}"
+    tensor_path = stem.with_suffix(".safetensors")
+    write_with(tensor_path, lambda p: save_file(tensors, str(p)))
+    meta = {"step": step, "optimizer": opt_meta, "sha256": _sha256(tensor_path), **extra}
+    json_path = stem.with_suffix(".json")
+    write_json(json_path, meta)
+    for old in ckpt_dir.glob("step-*"):
+        if old.stem != stem.name:
+            old.unlink(missing_ok=True)
+    return json_path
+
+
+def latest(ckpt_dir: Path) -> Path | None:
+    """The newest committed, intact checkpoint's JSON path (or None)."""
+    for json_path in sorted(ckpt_dir.glob("step-*.json"), reverse=True):
+        tensor_path = json_path.with_suffix(".safetensors")
+        try:
+            meta = read_json(json_path)
+        except ValueError:
+            continue
+        if tensor_path.is_file() and meta.get("sha256") == _sha256(tensor_path):
+            return json_path
+    return None
+
+
+def load(
+    json_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore ``model`` and ``optimizer`` in place; returns (extra JSON fields, extra tensors)."""
+    meta = read_json(json_path)
+    try:
+        tensors = load_file(str(json_path.with_suffix(".safetensors")))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"Checkpoint {json_path.with_suffix('.safetensors')} is unreadable ({exc}).") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta.pop("optimizer")))
+    extra_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
+    return meta, extra_tensors

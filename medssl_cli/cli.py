@@ -1,0 +1,66 @@
+"""The `medssl` command line. Thin: options -> recipe -> stage function.
+
+Heavy imports (torch, mimeta) happen inside the command bodies, so `medssl --help` stays fast.
+Every ``UserError`` ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from . import __version__
+from .commands import data, pretrain
+from .console import console
+from .errors import UserError
+
+app = typer.Typer(
+    name="medssl",
+    help="Label-efficient medical image classification: Barlow Twins pretraining on MIMeta datasets, "
+    "few-label fine-tuning, honest evaluation, t-SNE and reports.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data.app, name="data")
+app.command("pretrain")(pretrain.pretrain)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"medssl {__version__}", soft_wrap=True)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    """medssl: pretrain -> finetune -> evaluate -> tsne -> report."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turn user errors into one line and exit code 2."""
+    from .console import setup_logging
+
+    setup_logging()
+    try:
+        app(args=argv, standalone_mode=False, prog_name="medssl")
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc.line()}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

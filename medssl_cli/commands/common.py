@@ -1,0 +1,50 @@
+"""Option definitions and parsing shared by the stage commands (no torch imports here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import UserError
+
+RECIPE = typer.Option(None, "--recipe", help="YAML recipe file (defaults < recipe < CLI options).")
+DATA_DIR = typer.Option(None, "--data-dir", help="MIMeta root (default: $MEDSSL_DATA, else ~/.local/share/medssl/mimeta).")
+RUNS_ROOT = typer.Option(None, "--runs-root", help="Where run directories live (default: $MEDSSL_RUNS, else ./runs).")
+NAME = typer.Option(None, "--name", help="Name part of the run directory.")
+DEVICE = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+SEED = typer.Option(None, "--seed", help="Random seed.")
+
+
+def csv(text: str | None) -> list[str] | None:
+    """'a,b, c' -> ['a', 'b', 'c']; None stays None (= option not given)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"Empty list '{text}'.", "Give comma-separated values, e.g. axial,coronal.")
+    return items
+
+
+def int_list(text: str | None, option: str) -> list[int] | None:
+    items = csv(text)
+    if items is None:
+        return None
+    try:
+        return [int(t) for t in items]
+    except ValueError:
+        raise UserError(f"{option} '{text}' must be comma-separated integers.", f"Example: {option} 0,1,2") from None
+
+
+def runs_root(value: Path | None) -> Path:
+    from ..runs import default_runs_root
+
+    return value if value is not None else default_runs_root()
+
+
+def build_recipe(recipe_file: Path | None, overrides: dict[str, Any], base: Any = None) -> Any:
+    """Defaults (or ``base``) < recipe file < CLI overrides (``None`` = not given)."""
+    from ..recipe import load_recipe, override
+
+    return override(load_recipe(recipe_file, base), overrides)

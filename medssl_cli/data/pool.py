@@ -1,0 +1,191 @@
+"""Load one or more MIMeta datasets' official splits as one pool of uint8 images (+ labels).
+
+``load_pool`` is the single entry point the stages use. Splits and labels come from ``mimeta.MIMeta``
+(the official ``splits/*.txt``); pixels come from the fast reader in ``images.py``. Pooled datasets
+must agree on channels (or be converted explicitly with ``channels``, which is recorded) and, for
+supervised stages, on task and class names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .images import ImageArray, open_h5
+from .registry import TaskInfo, pick_task, resolve_names, scan
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Pool:
+    root: Path
+    dataset_ids: list[str]
+    splits: list[str]
+    images: ImageArray
+    labels: np.ndarray  # int64 (N,); -1 where the stage asked for no labels
+    source_ds: np.ndarray  # (N,) index into dataset_ids
+    source_split: np.ndarray  # (N,) index into SPLITS
+    source_idx: np.ndarray  # (N,) row in the dataset's images.hdf5
+    tasks: list[TaskInfo]
+    channels: int
+    image_size: int
+    conversions: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.tasks[0].class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def synthetic(self) -> bool:
+        return any(t.synthetic for t in self.tasks)
+
+    def seen(self) -> dict[str, dict[str, list[int]]]:
+        """{dataset id: {split: sorted rows}}: exactly which images this pool holds."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for d, ds in enumerate(self.dataset_ids):
+            for s, split in enumerate(SPLITS):
+                m = (self.source_ds == d) & (self.source_split == s)
+                if m.any():
+                    out.setdefault(ds, {})[split] = sorted(int(i) for i in self.source_idx[m])
+        return out
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.seen(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def provenance(self) -> dict[str, Any]:
+        """What goes into run.json: which images were used, and how they were prepared."""
+        counts = {ds: {s: len(v) for s, v in sp.items()} for ds, sp in self.seen().items()}
+        return {
+            "root": str(self.root),
+            "datasets": self.dataset_ids,
+            "splits": self.splits,
+            "task": self.tasks[0].task_name,
+            "class_names": self.class_names,
+            "n_images": len(self),
+            "counts": counts,
+            "fingerprint": self.fingerprint(),
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "conversions": self.conversions,
+            "synthetic": {t.dataset_id: t.synthetic for t in self.tasks},
+            "in_ram": self.images.in_ram,
+        }
+
+
+def _split_rows(root: Path, ds: str, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Official split rows and labels through ``mimeta``."""
+    from mimeta import MIMeta
+
+    try:
+        m = MIMeta(str(root), ds, task, split=split)
+    except (ValueError, KeyError):
+        raise UserError(
+            f"Dataset {ds} has no '{split}' split (no splits/{split}.txt).",
+            "Use the official MIMeta folder, or choose other --splits.",
+        ) from None
+    rows = np.asarray(m.split_indices, dtype=np.int64)
+    labels = np.asarray(m.labels).reshape(len(rows), -1)[:, 0].astype(np.int64)
+    if hasattr(m, "hdf5_images"):
+        m.hdf5_images.file.close()  # mimeta keeps the file open forever; we read through our own map
+    return rows, labels
+
+
+def load_pool(
+    root: Path,
+    names: list[str],
+    splits: list[str],
+    *,
+    task: str | None = None,
+    image_size: int,
+    channels: str = "auto",
+    supervised: bool = True,
+    ram_budget_gb: float = 8.0,
+) -> Pool:
+    """Load ``splits`` of the datasets ``names`` (aliases allowed) as one pool."""
+    for s in splits:
+        if s not in SPLITS:
+            raise UserError(f"Unknown split '{s}'.", f"Splits are {', '.join(SPLITS)}.")
+    if not 8 <= image_size <= 1024:
+        raise UserError(f"Image size {image_size} is not supported.", "Use a size between 8 and 1024 pixels.")
+    infos = scan(root)
+    ids = resolve_names(names, infos)
+    tasks = [pick_task(ds, infos[ds], task, supervised=supervised) for ds in ids]
+    if supervised:
+        ref = tasks[0]
+        for t in tasks[1:]:
+            if t.task_name != ref.task_name or t.class_names != ref.class_names:
+                raise UserError(
+                    f"Cannot pool {ref.dataset_id} and {t.dataset_id}: their label spaces differ "
+                    f"('{ref.task_name}': {len(ref.class_names)} classes vs '{t.task_name}': "
+                    f"{len(t.class_names)} classes).",
+                    "Pool only datasets with the same task and class names.",
+                )
+    chans = sorted({t.channels for t in tasks})
+    conversions: list[str] = []
+    if channels == "auto":
+        if len(chans) > 1:
+            raise UserError(
+                f"Datasets {', '.join(ids)} mix {chans[0]}- and {chans[1]}-channel images.",
+                "Choose the conversion explicitly with --channels 1 or --channels 3.",
+            )
+        c = chans[0]
+    else:
+        c = int(channels)
+        conversions = [f"{t.dataset_id}: {t.channels}->{c} channels" for t in tasks if t.channels != c]
+
+    parts, labels, src_ds, src_split, src_idx = [], [], [], [], []
+    for d, (ds, t) in enumerate(zip(ids, tasks, strict=True)):
+        folder = root / ds
+        label_file = folder / "task_labels" / f"{t.task_name}.npy"
+        try:
+            all_labels = np.load(label_file, allow_pickle=False)
+        except (OSError, ValueError):
+            raise UserError(f"{label_file} is missing or unreadable.", "Re-download the dataset.") from None
+        h5 = open_h5(folder / "images.hdf5")
+        if len(all_labels) != h5.shape[0]:
+            raise UserError(
+                f"{label_file} lists {len(all_labels)} labels but {folder / 'images.hdf5'} holds "
+                f"{h5.shape[0]} images.",
+                "Re-download the dataset (one of the files is truncated or from another version).",
+            )
+        for split in splits:
+            rows, lab = _split_rows(root, ds, t.task_name, split)
+            if len(rows) and rows.max() >= h5.shape[0]:
+                raise UserError(f"{folder}/splits/{split}.txt names images beyond the {h5.shape[0]} stored.")
+            parts.append((h5, rows))
+            labels.append(lab if supervised else np.full(len(rows), -1, dtype=np.int64))
+            src_ds.append(np.full(len(rows), d))
+            src_split.append(np.full(len(rows), SPLITS.index(split)))
+            src_idx.append(rows)
+    n = sum(len(r) for _, r in parts)
+    need = n * c * image_size * image_size
+    in_ram = need <= ram_budget_gb * 2**30
+    return Pool(
+        root=root,
+        dataset_ids=ids,
+        splits=list(splits),
+        images=ImageArray(parts, image_size, c, in_ram=in_ram),
+        labels=np.concatenate(labels),
+        source_ds=np.concatenate(src_ds),
+        source_split=np.concatenate(src_split),
+        source_idx=np.concatenate(src_idx),
+        tasks=tasks,
+        channels=c,
+        image_size=image_size,
+        conversions=conversions,
+    )

@@ -1,0 +1,157 @@
+"""Where the data is and what it holds: data root, dataset names and aliases, tasks.
+
+Discovery, ``info.yaml``, task labels and the official splits come from the real ``mimeta`` package
+(imported lazily: it takes seconds). Before handing a folder to ``mimeta`` we validate it ourselves
+with ``yaml.safe_load`` so a broken dataset gives one clear line instead of a KeyError deep inside.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import UserError, did_you_mean
+
+ZENODO = "https://zenodo.org/records/7884735"
+ALIASES: dict[str, list[str]] = {
+    "axial": ["organs_axial"],
+    "coronal": ["organs_coronal"],
+    "sagittal": ["organs_sagittal"],
+    "organs": ["organs_axial", "organs_coronal", "organs_sagittal"],
+    "crc": ["crc"],
+}
+SUPERVISED_TARGETS = ("MULTICLASS_CLASSIFICATION", "BINARY_CLASSIFICATION", "ORDINAL_REGRESSION")
+REQUIRED_INFO = ("id", "name", "domain", "input_size", "tasks")
+
+
+def default_data_root() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "medssl" / "mimeta"
+
+
+def resolve_root(data_dir: str | Path | None = None) -> Path:
+    """``--data-dir``, else ``$MEDSSL_DATA``, else the default root; must hold at least one dataset."""
+    root = Path(data_dir or os.environ.get("MEDSSL_DATA") or default_data_root()).expanduser()
+    hint = (
+        f"Download MIMeta from Zenodo ({ZENODO}) and extract it there, pass --data-dir / set MEDSSL_DATA, "
+        f"or make synthetic data: `medssl data synth --out {root}`."
+    )
+    if not root.is_dir():
+        raise UserError(f"Data root {root} does not exist.", hint)
+    if not any((d / "info.yaml").is_file() for d in root.iterdir() if d.is_dir()):
+        raise UserError(f"Data root {root} holds no MIMeta dataset (no */info.yaml).", hint)
+    return root
+
+
+def validate_info(path: Path) -> dict[str, Any]:
+    """Parse and check one ``info.yaml``; every problem is a UserError naming the file."""
+    try:
+        info = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        raise UserError(f"{path} is not valid YAML.", "Restore the file from the MIMeta download.") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} must hold a mapping.", "Restore the file from the MIMeta download.")
+    missing = [k for k in REQUIRED_INFO if k not in info]
+    if missing:
+        raise UserError(f"{path} lacks the field(s) {', '.join(missing)}.", "Restore it from the MIMeta download.")
+    size = info["input_size"]
+    if not (isinstance(size, list) and len(size) == 3 and size[0] in (1, 3)):
+        raise UserError(f"{path}: input_size must be [C, H, W] with C = 1 or 3, got {size!r}.")
+    if not isinstance(info["tasks"], list) or not info["tasks"]:
+        raise UserError(f"{path}: tasks must be a non-empty list.")
+    for t in info["tasks"]:
+        if not isinstance(t, dict) or not {"task_name", "task_target", "labels"} <= set(t):
+            raise UserError(f"{path}: every task needs task_name, task_target and labels.")
+    return info
+
+
+def scan(root: Path) -> dict[str, dict[str, Any]]:
+    """Validated info dicts of every dataset under ``root``, keyed by id, as ``mimeta`` discovers them."""
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and (d / "info.yaml").is_file():
+            validate_info(d / "info.yaml")
+    from mimeta import MIMeta
+
+    MIMeta._infos = None  # the package caches one root per process; datasets may have been added
+    ids = MIMeta.get_available_datasets(str(root))
+    return {i: MIMeta.get_info_dict(str(root), i) for i in sorted(ids)}
+
+
+def resolve_names(names: list[str], infos: dict[str, dict[str, Any]]) -> list[str]:
+    """Expand aliases (axial, coronal, sagittal, organs, crc) and check ids; keeps order, no repeats."""
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        if name in infos:
+            ids = [name]
+        elif name in ALIASES:
+            ids = ALIASES[name]
+            missing = [i for i in ids if i not in infos]
+            if missing:
+                syn = [f"synthetic_{i}" for i in missing if f"synthetic_{i}" in infos]
+                hint = (
+                    f"Synthetic stand-ins are here: {', '.join(syn)}."
+                    if syn
+                    else did_you_mean(name, list(infos) + list(ALIASES))
+                )
+                raise UserError(f"Dataset '{name}' ({', '.join(missing)}) is not under the data root.", hint)
+        else:
+            raise UserError(f"Unknown dataset '{name}'.", did_you_mean(name, list(infos) + list(ALIASES)))
+        out.extend(i for i in ids if i not in out)
+    if not out:
+        raise UserError("No dataset given.", "Pass --datasets, e.g. --datasets axial,coronal,sagittal.")
+    return out
+
+
+@dataclass
+class TaskInfo:
+    dataset_id: str
+    task_name: str
+    task_target: str
+    class_names: list[str]
+    channels: int
+    synthetic: bool
+    split_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def pick_task(dataset_id: str, info: dict[str, Any], task: str | None, supervised: bool = True) -> TaskInfo:
+    """The named task, else the dataset's first multiclass task (any first task when not supervised)."""
+    tasks = info["tasks"]
+    if task is not None:
+        chosen = next((t for t in tasks if t["task_name"] == task), None)
+        if chosen is None:
+            names = [t["task_name"] for t in tasks]
+            raise UserError(f"Dataset {dataset_id} has no task '{task}'.", did_you_mean(task, names))
+    else:
+        chosen = next((t for t in tasks if t["task_target"] == "MULTICLASS_CLASSIFICATION"), None)
+        if chosen is None and not supervised:
+            chosen = tasks[0]
+        if chosen is None:
+            kinds = sorted({t["task_target"] for t in tasks})
+            raise UserError(
+                f"Dataset {dataset_id} has no multiclass task (only {', '.join(kinds)}).",
+                "Pick a multiclass dataset, or name a binary/ordinal task with --task.",
+            )
+    if supervised and chosen["task_target"] not in SUPERVISED_TARGETS:
+        raise UserError(
+            f"Task '{chosen['task_name']}' of {dataset_id} is {chosen['task_target']}; medssl trains "
+            "single-label classifiers.",
+            "Pick a multiclass, binary or ordinal task with --task.",
+        )
+    labels = chosen["labels"]
+    names = [str(labels[k]) for k in sorted(labels)]
+    return TaskInfo(
+        dataset_id=dataset_id,
+        task_name=chosen["task_name"],
+        task_target=chosen["task_target"],
+        class_names=names,
+        channels=int(info["input_size"][0]),
+        synthetic=bool(info.get("synthetic", False)) or dataset_id.startswith("synthetic_"),
+        split_sizes=dict(info.get("splits_num_samples") or {}),
+    )

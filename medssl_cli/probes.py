@@ -1,0 +1,243 @@
+"""Read-outs on frozen features: L-BFGS logistic regression, a gradient-trained linear head, kNN.
+
+All three work on cached (n, 512) feature matrices, so a whole grid of label fractions and seeds costs
+seconds once the features exist.
+
+- ``fit_lbfgs`` (the default ``finetune.head: lbfgs``): multinomial logistic regression,
+  minimise mean_i CE(W z_i + b, y_i) + ||W||^2 / (2 C n)  (= sklearn's C * sum CE + ||W||^2 / 2; the
+  bias is not penalised), full batch, float64, torch's L-BFGS with a strong-Wolfe line search. The
+  features z are standardised with statistics of the *whole* train split (images only, no labels), and
+  the standardisation is folded back into W and b at the end, so the result is a plain linear layer on
+  raw features (512 x K + K parameters). C is chosen from ``c_grid`` by val accuracy (ties: lower val
+  cross-entropy, then the smaller C); the grid is walked from small to large C, each fit warm-started
+  from the previous one (deterministic: fixed order, no randomness at all).
+- ``fit_sgd`` (``finetune.head: sgd``): the same linear layer trained with AdamW on mini-batches of the
+  standardised features, early stopping on val accuracy with ``patience`` epochs; keeps the best-val
+  weights. Seeded.
+- ``knn_predict`` / ``knn_scores``: k nearest neighbours (k = 20) by cosine similarity of L2-normalised
+  features. Votes are weighted by exp(similarity / 0.07) (the weighted kNN of Wu et al. 2018, also
+  used by DINO); ``weighted=False`` gives a plain majority vote. Ties go to the lower class index. Class
+  scores (vote shares, summing to 1) serve as probabilities for AUROC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+KNN_TEMPERATURE = 0.07
+
+
+@dataclass
+class LinearFit:
+    """A fitted linear read-out on raw features: logits = features @ weight.T + bias."""
+
+    weight: torch.Tensor  # (K, D) float32
+    bias: torch.Tensor  # (K,) float32
+    history: list[dict[str, Any]] = field(default_factory=list)
+    chosen: dict[str, Any] = field(default_factory=dict)  # e.g. {"C": 1.0} or {"epoch": 12}
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.float() @ self.weight.T + self.bias
+
+    def proba(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(feats), dim=1)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Keys of ``models.LinearHead`` (an nn.Linear): weight, bias."""
+        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+
+
+def standardizer(reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and std of ``reference`` (std of a constant feature set to 1)."""
+    ref = reference.double()
+    mu = ref.mean(dim=0)
+    sd = ref.std(dim=0, unbiased=False)
+    return mu, torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+
+
+def _fold(
+    w: torch.Tensor, b: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (z - mu)/sd + b  ->  (W/sd) z + (b - W mu/sd): the same map on raw features."""
+    w_raw = w / sd
+    return w_raw.float(), (b - w_raw @ mu).float()
+
+
+def _val_score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    acc = float((logits.argmax(1) == y).double().mean())
+    return acc, float(F.cross_entropy(logits, y))
+
+
+def fit_lbfgs(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    num_classes: int,
+    c_grid: Sequence[float],
+    *,
+    reference: torch.Tensor | None = None,
+    max_iter: int = 300,
+) -> LinearFit:
+    """L-BFGS multinomial logistic regression, C chosen on val (see the module docstring)."""
+    if not c_grid or any(c <= 0 for c in c_grid):
+        from .errors import UserError
+
+        raise UserError(f"finetune.c_grid must be positive numbers, got {list(c_grid)}.")
+    mu, sd = standardizer(reference if reference is not None else x_train)
+    z = (x_train.double() - mu) / sd
+    zv = (x_val.double() - mu) / sd
+    y, yv = y_train.long(), y_val.long()
+    n = z.shape[0]
+    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    best: tuple[tuple[float, float, float], torch.Tensor, torch.Tensor, float] | None = None
+    history = []
+    for c in sorted(float(c) for c in c_grid):
+        opt = torch.optim.LBFGS(
+            [w, b],
+            lr=1.0,
+            max_iter=max_iter,
+            history_size=20,
+            tolerance_grad=1e-6,
+            tolerance_change=1e-10,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure(c: float = c, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(z @ w.T + b, y) + (w * w).sum() / (2 * c * n)
+            loss.backward()
+            return loss
+
+        loss = float(opt.step(closure).detach())
+        iters = int(opt.state[w].get("n_iter", 0))  # LBFGS keeps its state under the first param
+        with torch.no_grad():
+            acc, vloss = _val_score(zv @ w.T + b, yv)
+            train_acc = float(((z @ w.T + b).argmax(1) == y).double().mean())
+        history.append(
+            {
+                "C": c,
+                "train_objective": loss,
+                "train_accuracy": train_acc,
+                "val_accuracy": acc,
+                "val_loss": vloss,
+                "iterations": iters,
+            }
+        )
+        key = (acc, -vloss, -c)  # higher val accuracy, then lower val loss, then the smaller C
+        if best is None or key > best[0]:
+            best = (key, w.detach().clone(), b.detach().clone(), c)
+    assert best is not None
+    weight, bias = _fold(best[1], best[2], mu, sd)
+    return LinearFit(weight, bias, history, {"C": best[3], "val_accuracy": best[0][0]})
+
+
+def fit_sgd(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    patience: int,
+    seed: int,
+    reference: torch.Tensor | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> LinearFit:
+    """Linear head trained with AdamW on standardised features; early stopping on val accuracy."""
+    mu, sd = standardizer(reference if reference is not None else x_train)
+    z = ((x_train.double() - mu) / sd).float()
+    zv = ((x_val.double() - mu) / sd).float()
+    y, yv = y_train.long(), y_val.long()
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(z.shape[1], num_classes)
+    with torch.no_grad():  # seeded init (nn.Linear's own init draws from the global RNG)
+        bound = 1.0 / z.shape[1] ** 0.5
+        head.weight.uniform_(-bound, bound, generator=g)
+        head.bias.uniform_(-bound, bound, generator=g)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    bs = max(1, min(batch_size, len(y)))
+    best: tuple[tuple[float, float], dict[str, torch.Tensor], int] | None = None
+    history, stale = [], 0
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(y), generator=g)
+        total = 0.0
+        for s in range(0, len(y), bs):
+            idx = order[s : s + bs]
+            loss = F.cross_entropy(head(z[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(idx)
+        with torch.no_grad():
+            acc, vloss = _val_score(head(zv), yv)
+        row = {"epoch": epoch, "train_loss": total / len(y), "val_accuracy": acc, "val_loss": vloss}
+        history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        key = (acc, -vloss)
+        if best is None or key > best[0]:
+            best, stale = (key, {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch), 0
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    assert best is not None
+    weight, bias = _fold(best[1]["weight"].double(), best[1]["bias"].double(), mu, sd)
+    return LinearFit(
+        weight, bias, history, {"epoch": best[2], "val_accuracy": best[0][0], "stopped_epoch": len(history)}
+    )
+
+
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    *,
+    k: int = 20,
+    num_classes: int,
+    weighted: bool = True,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """(n_query, K) vote shares of the k nearest train features (cosine similarity)."""
+    bank = F.normalize(train_feats.float(), dim=1)
+    labels = torch.as_tensor(train_labels, device=bank.device).long()
+    k = max(1, min(k, bank.shape[0]))
+    out = []
+    for s in range(0, query_feats.shape[0], chunk):
+        q = F.normalize(query_feats[s : s + chunk].float().to(bank.device), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.exp(sim / temperature) if weighted else torch.ones_like(sim)
+        scores = torch.zeros(q.shape[0], num_classes, device=bank.device)
+        scores.scatter_add_(1, labels[idx], votes)
+        out.append(scores / scores.sum(dim=1, keepdim=True))
+    if not out:
+        return torch.zeros(0, num_classes)
+    return torch.cat(out)
+
+
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    *,
+    k: int = 20,
+    num_classes: int,
+    weighted: bool = True,
+) -> torch.Tensor:
+    """Predicted class per query (argmax of ``knn_scores``; ties to the lower class index)."""
+    scores = knn_scores(
+        train_feats, train_labels, query_feats, k=k, num_classes=num_classes, weighted=weighted
+    )
+    return scores.argmax(dim=1)

@@ -1,0 +1,276 @@
+"""Recipes: every setting of every stage, in one typed tree.
+
+Precedence: built-in defaults < parent run's recipe (data/model, for later stages) < ``--recipe FILE``
+< CLI options. A recipe file may set any subset of sections and keys. Unknown keys and wrong value
+types are ``UserError``s that name the key. The fully resolved recipe is saved as ``recipe.yaml`` in
+every run directory, and its hash goes into weights metadata and reports.
+
+The defaults are the study's pretraining setup (``recipes/organs-bt.yaml`` spells it out), with
+the protocol fixed: official splits, train split only for pretraining, selection on val.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError, did_you_mean
+
+
+@dataclass
+class DataRecipe:
+    datasets: list[str] = field(default_factory=lambda: ["axial", "coronal", "sagittal"])
+    task: str | None = None  # None: the dataset's first multiclass task
+    splits: list[str] = field(default_factory=lambda: ["train"])  # pretraining splits (never test)
+    image_size: int = 224
+    channels: Literal["auto", "1", "3"] = "auto"  # auto: the datasets' own (must agree when pooled)
+    ram_budget_gb: float = 8.0  # above this, images are memory-mapped and streamed, not loaded
+
+
+@dataclass
+class ModelRecipe:
+    arch: Literal["resnet18"] = "resnet18"
+    # 1-channel data: "replicate" copies gray to 3 channels (keeps ImageNet's conv1), "native" builds
+    # a 1-channel conv1. Recorded in the weights' metadata so every later stage does the same.
+    gray_mode: Literal["replicate", "native"] = "replicate"
+    projector: list[int] = field(default_factory=lambda: [2048, 2048, 2048])
+
+
+@dataclass
+class ViewRecipe:
+    """One Barlow Twins view (Zbontar et al. 2021, appendix: asymmetric blur and solarisation)."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2  # ignored for 1-channel data
+    hue: float = 0.1  # ignored for 1-channel data
+    grayscale_p: float = 0.2  # ignored for 1-channel data
+    blur_p: float = 1.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # in pixels at 224 px, scaled
+    solarize_p: float = 0.0
+
+
+@dataclass
+class ViewsRecipe:
+    view1: ViewRecipe = field(default_factory=lambda: ViewRecipe(blur_p=1.0, solarize_p=0.0))
+    view2: ViewRecipe = field(default_factory=lambda: ViewRecipe(blur_p=0.1, solarize_p=0.2))
+
+
+@dataclass
+class PretrainRecipe:
+    epochs: int = 1000
+    batch_size: int = 256
+    optimizer: Literal["adam", "lars"] = "adam"
+    lr: float = 0.03  # Adam: as given. LARS: per 256 images, scaled by batch/256 (weights)
+    lr_biases: float = 0.0048  # LARS only: biases and BN, per 256 images
+    weight_decay: float = 0.0  # LARS official: 1.5e-6 (never on biases/BN)
+    warmup_epochs: float = 10.0
+    lambd: float = 0.0051
+    checkpoint_every: int = 10  # epochs
+    knn_every: int = 0  # epochs; 0 = off. kNN accuracy on val (monitor only)
+    chunk_size: int = 0  # >0: backbone passes in chunks, one full-batch loss (see stages/pretrain.py)
+
+
+@dataclass
+class FinetuneRecipe:
+    inits: list[Literal["ssl", "imagenet", "random"]] = field(default_factory=lambda: ["ssl"])
+    modes: list[Literal["linear", "full"]] = field(default_factory=lambda: ["linear"])
+    fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    head: Literal["lbfgs", "sgd"] = "lbfgs"  # linear mode: L-BFGS logistic regression or trained head
+    c_grid: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0, 100.0])
+    epochs: int = 100  # full mode and sgd head
+    batch_size: int = 64
+    lr_head: float = 0.01
+    lr_backbone: float = 0.001
+    weight_decay: float = 1e-4
+    patience: int = 10  # early stopping on val, epochs
+
+
+@dataclass
+class EvaluateRecipe:
+    split: Literal["test", "val"] = "test"
+    knn_k: int = 20
+    allow_leakage: bool = False  # evaluate on images the backbone saw in pretraining (recorded)
+    ci: Literal["wilson", "bootstrap"] = "wilson"
+
+
+@dataclass
+class TsneRecipe:
+    split: Literal["test", "val", "train"] = "test"
+    max_samples: int = 2000
+    perplexity: float = 30.0
+    seed: int = 0
+
+
+@dataclass
+class ComputeRecipe:
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA if present, else CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where supported
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    threads: int = 0  # 0: torch's default
+    device_budget_gb: float = 4.0  # keep uint8 training images on the device below this
+
+
+@dataclass
+class Recipe:
+    data: DataRecipe = field(default_factory=DataRecipe)
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    views: ViewsRecipe = field(default_factory=ViewsRecipe)
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
+    evaluate: EvaluateRecipe = field(default_factory=EvaluateRecipe)
+    tsne: TsneRecipe = field(default_factory=TsneRecipe)
+    compute: ComputeRecipe = field(default_factory=ComputeRecipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short content hash of the resolved recipe (stable across key order)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Merging and validation
+
+
+def _check_value(key: str, tp: Any, value: Any) -> Any:
+    """Coerce ``value`` to annotation ``tp`` or raise a UserError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, arg, value)
+            except UserError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        allowed = list(args)
+        if value in allowed:
+            return value
+        if str(value) in [str(a) for a in allowed]:
+            return next(a for a in allowed if str(a) == str(value))
+        raise UserError(f"Recipe key '{key}' must be one of {allowed}, got {value!r}.")
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"Recipe key '{key}' must be a list, got {type(value).__name__} {value!r}.")
+        (inner,) = args
+        return [_check_value(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"Recipe key '{key}' must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UserError(f"Recipe key '{key}' must be an integer, got {value!r}.")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"Recipe key '{key}' must be a number, got {value!r}.")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"Recipe key '{key}' must be a string, got {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        return _merge(tp(), value, key)
+    raise TypeError(f"unsupported recipe type {tp} at {key}")
+
+
+def _merge(obj: Any, updates: Any, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``obj`` with ``updates`` (a nested mapping) applied and checked."""
+    if isinstance(updates, dict) is False:
+        raise UserError(f"Recipe section '{prefix or 'top level'}' must be a mapping, got {updates!r}.")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in updates.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise UserError(f"Unknown recipe key '{full}'.", did_you_mean(str(key), names))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _merge(current, value, full)
+        else:
+            changes[key] = _check_value(full, hints[key], value)
+    return dataclasses.replace(obj, **changes)
+
+
+def merge(recipe: Recipe, updates: dict[str, Any], prefix: str = "") -> Recipe:
+    """Apply a nested mapping of updates (e.g. a recipe file's contents) to ``recipe``."""
+    return _merge(recipe, updates or {}, prefix)
+
+
+def override(recipe: Recipe, dotted: dict[str, Any]) -> Recipe:
+    """Apply CLI options given as ``{"pretrain.epochs": 5}``; ``None`` values mean 'not given'."""
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        node = nested
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return merge(recipe, nested)
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"Recipe file not found: {p}.", "Pass a YAML file, e.g. --recipe recipes/demo.yaml.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"Recipe file {p} is not valid YAML{where}.", "Fix the syntax and retry.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"Recipe file {p} must hold a mapping of sections (data:, pretrain:, ...).")
+    return data
+
+
+def load_recipe(path: str | Path | None = None, base: Recipe | None = None) -> Recipe:
+    """Defaults (or ``base``) updated by the recipe file at ``path``, validated."""
+    recipe = base if base is not None else Recipe()
+    if path is not None:
+        recipe = merge(recipe, read_recipe_file(path))
+    return recipe
+
+
+def from_dict(data: dict[str, Any]) -> Recipe:
+    """Rebuild a saved (resolved) recipe, e.g. a parent run's ``recipe.yaml``."""
+    return merge(Recipe(), data)

@@ -1,0 +1,280 @@
+"""The run-directory convention shared by every stage.
+
+```
+<runs root>/<stage>-<name>-<YYYYmmdd-HHMMSS>[-k]/
+  recipe.yaml      the fully resolved recipe (defaults < parent < recipe file < CLI)
+  run.json         stage, status (running|finished|failed|interrupted), parent run, command line,
+                   versions, data provenance (dataset ids, splits, index fingerprint), times, device
+  weights/         *.safetensors, tensors only; metadata holds arch, channels, image size, recipe hash
+  checkpoint/      resumable state (tensors in safetensors, scalars and RNG in JSON)
+  history.jsonl    one line per epoch
+  metrics.json     the stage's final metrics
+  plots/*.png
+  log.txt          everything the run logged
+```
+A stage reads its parent run (``--from RUN``, default the newest *finished* run of the parent stage
+under the runs root) and never writes into it. Every file goes through ``medssl_cli.io`` (atomic).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import fcntl
+import logging
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+from .io import read_json, write_json, write_yaml
+from .recipe import Recipe, from_dict
+
+STAGES = ("pretrain", "finetune", "grid", "evaluate", "tsne", "report", "demo")
+PARENT_STAGE = {"finetune": "pretrain", "evaluate": "finetune", "tsne": "pretrain"}
+STATUSES = ("running", "finished", "failed", "interrupted")
+LOG = logging.getLogger("medssl")
+
+
+def default_runs_root() -> Path:
+    return Path(os.environ.get("MEDSSL_RUNS", "runs"))
+
+
+def versions() -> dict[str, str]:
+    """Package versions without importing them (keeps the CLI fast)."""
+    out = {"medssl": __version__, "python": sys.version.split()[0]}
+    for dist, key in (("torch", "torch"), ("torchvision", "torchvision"), ("mimeta-pytorch", "mimeta")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = "not installed"
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "run"
+
+
+@dataclass
+class Run:
+    """A run directory and its manifest."""
+
+    path: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        try:
+            return read_json(self.manifest_path)
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not a medssl run (no run.json).") from None
+        except ValueError:
+            raise UserError(f"{self.manifest_path} is unreadable (not JSON).") from None
+
+    @property
+    def stage(self) -> str:
+        return self.manifest.get("stage", "?")
+
+    @property
+    def status(self) -> str:
+        return self.manifest.get("status", "?")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def recipe(self) -> Recipe:
+        import yaml
+
+        return from_dict(yaml.safe_load((self.path / "recipe.yaml").read_text(encoding="utf-8")) or {})
+
+    def update(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into run.json (atomic rewrite). Only rank 0 calls this."""
+        data = self.manifest if self.manifest_path.exists() else {}
+        data.update(fields)
+        write_json(self.manifest_path, data)
+        return data
+
+    def set_status(self, status: str, **fields: Any) -> None:
+        assert status in STATUSES, status
+        extra = {"ended": _now()} if status != "running" else {}
+        self.update(status=status, **extra, **fields)
+
+    def file(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+
+def create_run(
+    runs_root: Path | str,
+    stage: str,
+    recipe: Recipe,
+    *,
+    name: str | None = None,
+    parent: Run | None = None,
+    extra: dict[str, Any] | None = None,
+    path: Path | None = None,
+) -> Run:
+    """Create a new run directory with ``recipe.yaml`` and a ``running`` run.json.
+
+    The directory is claimed with ``mkdir`` (atomic): two processes starting in the same second get
+    distinct directories (``-2``, ``-3``... suffixes). ``path`` fixes the directory (grid cells).
+    """
+    root = Path(runs_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(
+            f"Runs root {root} is not writable ({exc.strerror}).", "Pass a writable --runs-root."
+        ) from None
+    if path is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{stage}-{_slug(name or 'run')}-{stamp}"
+        for k in range(1, 1000):
+            candidate = root / (base if k == 1 else f"{base}-{k}")
+            try:
+                candidate.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - a thousand runs in one second
+            raise UserError(f"Could not create a run directory under {root}.")
+    else:
+        candidate = Path(path)
+        try:
+            candidate.mkdir(parents=True)
+        except FileExistsError:
+            raise UserError(
+                f"Run directory {candidate} already exists.", "Use --resume to continue it or --overwrite."
+            ) from None
+    run = Run(candidate)
+    write_yaml(run.file("recipe.yaml"), recipe.to_dict())
+    run.update(
+        stage=stage,
+        name=name or "run",
+        status="running",
+        parent=str(parent.path.resolve()) if parent else None,
+        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        versions=versions(),
+        recipe_hash=recipe.hash(),
+        host=socket.gethostname(),
+        started=_now(),
+        **(extra or {}),
+    )
+    return run
+
+
+def list_runs(runs_root: Path | str, stage: str | None = None) -> list[Run]:
+    """All runs directly under ``runs_root`` (optionally of one stage), oldest first."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        return []
+    out = []
+    for d in sorted(root.iterdir()):
+        if not (d / "run.json").is_file():
+            continue
+        try:
+            info = read_json(d / "run.json")
+        except ValueError:
+            continue
+        if stage is None or info.get("stage") == stage:
+            out.append((info.get("started", ""), d.name, Run(d)))
+    return [r for _, _, r in sorted(out, key=lambda t: (t[0], t[1]))]
+
+
+def find_latest(runs_root: Path | str, stage: str) -> Run:
+    """The newest finished run of ``stage`` under ``runs_root``."""
+    finished = [r for r in list_runs(runs_root, stage) if r.status == "finished"]
+    if not finished:
+        raise UserError(
+            f"No finished {stage} run under {runs_root}.",
+            f"Run `medssl {stage}` first, or pass --from RUN_DIR (and --runs-root if it lives elsewhere).",
+        )
+    return finished[-1]
+
+
+def resolve_run(from_arg: str | Path | None, runs_root: Path | str, stage: str) -> Run:
+    """The run named by ``--from`` (a path, or a name under the runs root), checked to be usable."""
+    if from_arg is None:
+        return find_latest(runs_root, stage)
+    p = Path(from_arg)
+    if not p.exists() and (Path(runs_root) / p).exists():
+        p = Path(runs_root) / p
+    if not p.is_dir():
+        raise UserError(f"--from {from_arg}: no such run directory.", f"List runs with `ls {runs_root}`.")
+    run = Run(p)
+    info = run.manifest
+    if info.get("stage") != stage:
+        raise UserError(
+            f"--from {from_arg} is a {info.get('stage')} run, but a {stage} run is needed here.",
+            f"Pass a {stage} run directory.",
+        )
+    status = info.get("status")
+    if status == "running":
+        raise UserError(
+            f"--from {from_arg} is still running (or crashed without marking itself).",
+            "Wait for it to finish, or resume it with --resume.",
+        )
+    if status != "finished":
+        raise UserError(
+            f"--from {from_arg} did not finish (status: {status}).",
+            "Resume it with --resume, or pick a finished run.",
+        )
+    return run
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two processes never write the same run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.fh: Any = None
+
+    def __enter__(self) -> RunLock:
+        self.fh = open(self.path, "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self.fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise UserError(
+                    f"Run {self.path.parent} is in use by another process.",
+                    "Wait for it to finish; only one process may resume a run.",
+                ) from None
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+
+
+def attach_log(run: Run, rank: int = 0) -> logging.Handler:
+    """Send the 'medssl' logger to the run's log file (rank > 0: log.rank<k>.txt). Returns the handler."""
+    name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
+    handler = logging.FileHandler(run.file(name), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    return handler
+
+
+def detach_log(handler: logging.Handler) -> None:
+    LOG.removeHandler(handler)
+    handler.close()

@@ -1,0 +1,399 @@
+"""Barlow Twins pretraining (Zbontar et al., ICML 2021), the whole recipe in one place.
+
+1. Load the pretraining pool: the official *train* split(s) of the chosen datasets; never test.
+2. ResNet-18 backbone + projector (512-2048-2048-2048 by default), parameter counts printed.
+3. Every step: a batch of uint8 images (on the device when it fits the budget), two asymmetric views
+   made there in one batched pass (``augment.make_pair``), embeddings, cross-correlation loss on the
+   full batch, optimizer step (Adam or LARS) with per-step warmup + cosine learning rate.
+4. Per epoch: ``history.jsonl`` (loss and its two terms, lr, samples/s), optional kNN monitor on val,
+   a checkpoint every ``checkpoint_every`` epochs; at the end ``weights/backbone.safetensors``.
+
+Randomness is derived from (seed, epoch) for the sample order and (seed, step) for the views, so a run
+resumed from any checkpoint produces the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__, checkpoint, compute
+from ..augment import make_pair, normalize
+from ..data.pool import Pool, load_pool
+from ..data.registry import resolve_root
+from ..errors import TrainingDiverged, UserError
+from ..io import append_jsonl, read_jsonl, write_json
+from ..losses import barlow_twins_loss
+from ..models import PretrainNet, backbone_meta, build_pretrain_net, count_params, save_weights
+from ..optim import build_optimizer, set_lr
+from ..plots import loss_curve
+from ..preempt import Interrupted, StopFlag
+from ..recipe import Recipe
+from ..runs import Run, RunLock, attach_log, create_run, detach_log
+
+LOG = logging.getLogger("medssl")
+NORM_MEAN = 0.5  # SSL inputs: x / 255, then (x - 0.5) / 0.5 per channel (as mimeta's default transform)
+NORM_STD = 0.5
+
+
+@dataclass
+class Dist:
+    """This process's place in a distributed job (world_size 1: a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
+    """Protocol checks that need no data."""
+    if "test" in recipe.data.splits and not allow_test:
+        raise UserError(
+            "Pretraining on the test split would leak test images into the backbone.",
+            "Use --splits train (default) or train,val.",
+        )
+    p = recipe.pretrain
+    if p.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {p.epochs}.")
+    if p.batch_size < 2:
+        raise UserError(f"--batch-size must be at least 2 (batch statistics), got {p.batch_size}.")
+    if p.lr <= 0:
+        raise UserError(f"--lr must be positive, got {p.lr}.")
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Full batches only (drop_last): the loss's batch statistics need a fixed, large batch."""
+    return n_images // batch_size
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch: a function of (seed, epoch) only, identical on every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def view_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    return g
+
+
+def train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    lambd: float,
+    bf16: bool,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Barlow Twins step on two ready views; returns detached (loss, on_diag, off_diag)."""
+    with compute.autocast(v1.device, bf16):
+        z1 = net(v1)
+        z2 = net(v2)
+    loss, on_diag, off_diag = barlow_twins_loss(z1.float(), z2.float(), lambd, world_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), on_diag.detach(), off_diag.detach()
+
+
+class BatchSource:
+    """uint8 batches on the training device.
+
+    If the pool is in RAM and fits ``device_budget_gb``, it is copied to the device once and batches
+    are gathered there (no host work per step). Otherwise each batch is gathered on the host (from RAM
+    or the memory map), pinned, and copied asynchronously.
+    """
+
+    def __init__(self, pool: Pool, device: torch.device, device_budget_gb: float) -> None:
+        self.pool = pool
+        self.device = device
+        fits = pool.images.in_ram and pool.images.nbytes <= device_budget_gb * 2**30
+        self.on_device = fits or (device.type == "cpu" and pool.images.in_ram)
+        self.data = pool.images.data.to(device) if self.on_device else None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.data is not None:
+            return self.data[idx.to(self.device)]
+        x = self.pool.images[idx]
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+
+def _load_data(recipe: Recipe, data_dir: Path | str | None) -> Pool:
+    d = recipe.data
+    pool = load_pool(
+        resolve_root(data_dir),
+        d.datasets,
+        d.splits,
+        task=d.task,
+        image_size=d.image_size,
+        channels=d.channels,
+        supervised=False,
+        ram_budget_gb=d.ram_budget_gb,
+    )
+    if recipe.pretrain.batch_size > len(pool):
+        raise UserError(
+            f"Batch size {recipe.pretrain.batch_size} is larger than the {len(pool)} pretraining images.",
+            f"Use --batch-size {max(2, len(pool) // 4)} or fewer, or add datasets/splits.",
+        )
+    return pool
+
+
+def pretrain(
+    recipe: Recipe,
+    *,
+    data_dir: Path | str | None = None,
+    runs_root: Path | str = "runs",
+    name: str | None = None,
+    resume: Path | str | None = None,
+    allow_test_split: bool = False,
+    dist: Dist | None = None,
+) -> Run:
+    """Run (or resume) Barlow Twins pretraining; returns the finished run."""
+    dist = dist or Dist()
+    if resume is not None:
+        run = Run(Path(resume))
+        if run.stage != "pretrain":
+            raise UserError(f"--resume {resume} is a {run.stage} run, not a pretrain run.")
+        if run.status == "finished":
+            raise UserError(f"Run {resume} already finished.", "Start a new run instead of --resume.")
+        recipe = run.recipe()
+        data_dir = data_dir or run.manifest.get("data", {}).get("root")
+    check_recipe(recipe, allow_test_split)
+    compute.configure_threads(recipe.compute.threads)
+    pool = _load_data(recipe, data_dir)
+    if resume is None:
+        run = create_run(runs_root, "pretrain", recipe, name=name, extra={"data": pool.provenance()}) if (
+            dist.is_main
+        ) else None
+        if run is not None:
+            write_json(run.file("data_seen.json"), pool.seen())
+    elif run.manifest.get("data", {}).get("fingerprint") != pool.fingerprint():
+        raise UserError(f"The data under {pool.root} differs from what run {resume} was trained on.",
+                        "Pass the original --data-dir.")
+    assert run is not None  # rank > 0 with a new run: issue 6 passes the shared run dir via resume
+    handler = attach_log(run, dist.rank)
+    try:
+        with RunLock(run.path), StopFlag() as stop:
+            _train(run, recipe, pool, dist, stop)
+    except Interrupted:
+        run.set_status("interrupted")
+        raise
+    except TrainingDiverged:
+        run.set_status("failed", error="loss diverged (NaN/Inf)")
+        raise
+    except UserError as exc:
+        run.set_status("failed", error=exc.line())
+        raise
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        detach_log(handler)
+    return run
+
+
+def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> None:
+    p, c = recipe.pretrain, recipe.compute
+    device = compute.resolve_device(c.device)
+    bf16 = compute.use_bf16(device, c.precision)
+    channels_last = compute.use_channels_last(device, c.channels_last)
+    compute.seed_everything(c.seed)
+    net: torch.nn.Module = build_pretrain_net(pool.channels, recipe.model.gray_mode, recipe.model.projector)
+    n_backbone, n_proj = count_params(net.backbone), count_params(net.projector)
+    LOG.info(
+        f"ResNet-18 backbone {n_backbone / 1e6:.2f}M + projector {n_proj / 1e6:.2f}M = "
+        f"{(n_backbone + n_proj) / 1e6:.2f}M trainable parameters"
+    )
+    net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(net, p, p.batch_size)
+    spe = steps_per_epoch(len(pool), p.batch_size)
+    total, warmup = spe * p.epochs, round(spe * p.warmup_epochs)
+    batch_local = p.batch_size // dist.world_size
+    source = BatchSource(pool, device, c.device_budget_gb)
+    mean, std = (NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels
+    LOG.info(
+        f"Pretraining on {len(pool)} images ({', '.join(pool.dataset_ids)}; splits {','.join(pool.splits)}) "
+        f"at {pool.image_size} px, {pool.channels} channel(s): {p.epochs} epochs x {spe} steps of "
+        f"{p.batch_size}, {p.optimizer}, lr {p.lr}, device {compute.describe_device(device)}, "
+        f"{'bf16 autocast' if bf16 else 'fp32'}{', channels_last' if channels_last else ''}, "
+        f"images {'on the device' if source.on_device else 'streamed'}"
+    )
+    run.update(device=compute.describe_device(device), precision="bf16" if bf16 else "fp32",
+               channels_last=channels_last, params={"backbone": n_backbone, "projector": n_proj},
+               steps_per_epoch=spe, total_steps=total)
+
+    step, acc = 0, _zero_acc(device)
+    ckpt_dir = run.file("checkpoint")
+    latest = checkpoint.latest(ckpt_dir)
+    if latest is not None:
+        meta, tensors = checkpoint.load(latest, net, optimizer)
+        step = meta["step"]
+        acc = {k: v.to(device) for k, v in tensors.items() if k.startswith("acc_")}
+        acc["time"] = meta["acc_time"]
+        compute.set_rng_state({**meta["rng"], **{k[4:]: v for k, v in tensors.items() if k.startswith("rng_")}})
+        history = read_jsonl(run.file("history.jsonl"))
+        LOG.info(f"Resumed from {latest.name} (epoch {step // spe}, step {step % spe} of {spe})")
+        # history lines written after the checkpoint (a crash between the two) are rewritten below
+        _truncate_history(run, [h for h in history if h["epoch"] <= step // spe])
+
+    sync_every = 1 if device.type == "cpu" else 25
+    from ..console import progress
+
+    with progress("samples") as bar:
+        task = bar.add_task("pretrain", total=total * p.batch_size, completed=step * p.batch_size,
+                            rate=0.0, info="")
+        while step < total:
+            epoch, in_epoch = divmod(step, spe)
+            order = epoch_order(len(pool), c.seed, epoch)
+            t0 = time.perf_counter()
+            for s in range(in_epoch, spe):
+                lr = set_lr(optimizer, step, total, warmup)
+                idx = order[s * p.batch_size + dist.rank * batch_local:][:batch_local]
+                x = source(idx)
+                g = view_generator(c.seed, step, dist.rank, device)
+                v1, v2 = make_pair(x, recipe.views, pool.image_size, g)
+                v1, v2 = normalize(v1, mean, std), normalize(v2, mean, std)
+                if channels_last:
+                    v1 = v1.contiguous(memory_format=torch.channels_last)
+                    v2 = v2.contiguous(memory_format=torch.channels_last)
+                loss, on_d, off_d = train_step(net, optimizer, v1, v2, p.lambd, bf16, dist.world_size)
+                acc["acc_loss"] += loss
+                acc["acc_on"] += on_d
+                acc["acc_off"] += off_d
+                acc["acc_n"] += 1
+                step += 1
+                if step % sync_every == 0 or s == spe - 1:
+                    value = loss.item()
+                    if value != value or value in (float("inf"), float("-inf")):
+                        raise TrainingDiverged(
+                            f"Loss became {value} at epoch {epoch + 1}, step {s + 1}.",
+                            "Lower --lr or use --precision fp32; the last good checkpoint is kept.",
+                        )
+                    elapsed = time.perf_counter() - t0
+                    rate = (s + 1 - in_epoch) * p.batch_size / max(elapsed, 1e-9)
+                    bar.update(task, completed=step * p.batch_size, rate=rate,
+                               info=f"epoch {epoch + 1}/{p.epochs} loss {value:.1f}")
+                if stop:
+                    acc["time"] += time.perf_counter() - t0
+                    _save_checkpoint(run, net, optimizer, step, acc)
+                    raise Interrupted(str(run.path), stop.signum or 0, step)
+            acc["time"] += time.perf_counter() - t0
+            _end_epoch(run, recipe, pool, net, epoch, step, lr, acc, device, bf16)
+            acc = _zero_acc(device)
+            if (epoch + 1) % p.checkpoint_every == 0 and step < total:
+                _save_checkpoint(run, net, optimizer, step, acc)
+    _finish(run, recipe, pool, net)
+
+
+def _zero_acc(device: torch.device) -> dict[str, Any]:
+    z = {k: torch.zeros((), device=device) for k in ("acc_loss", "acc_on", "acc_off", "acc_n")}
+    z["time"] = 0.0
+    return z
+
+
+def _save_checkpoint(run: Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     acc: dict[str, Any]) -> None:
+    tensors = {k: v for k, v in acc.items() if k.startswith("acc_")}
+    rng = compute.rng_state()
+    tensors.update({f"rng_{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
+    plain = {k: v for k, v in rng.items() if not isinstance(v, torch.Tensor)}
+    checkpoint.save(run.file("checkpoint"), step, net, optimizer, {"acc_time": acc["time"], "rng": plain}, tensors)
+
+
+def _truncate_history(run: Run, keep: list[dict[str, Any]]) -> None:
+    from ..io import write_text
+
+    write_text(run.file("history.jsonl"), "".join(json.dumps(h) + "\n" for h in keep))
+
+
+def _end_epoch(run: Run, recipe: Recipe, pool: Pool, net: torch.nn.Module, epoch: int, step: int,
+               lr: float, acc: dict[str, Any], device: torch.device, bf16: bool) -> None:
+    n = max(acc["acc_n"].item(), 1)
+    loss, on_d, off_d = (acc[k].item() / n for k in ("acc_loss", "acc_on", "acc_off"))
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": step,
+        "loss": loss,
+        "on_diag": on_d,
+        "off_diag": off_d,
+        "off_diag_weighted": recipe.pretrain.lambd * off_d,
+        "lr": lr,
+        "samples_per_s": n * recipe.pretrain.batch_size / max(acc["time"], 1e-9),
+        "time_s": acc["time"],
+    }
+    k = recipe.pretrain.knn_every
+    if k and ((epoch + 1) % k == 0 or epoch + 1 == recipe.pretrain.epochs):
+        row["knn_val_accuracy"] = _knn_monitor(recipe, pool, net.backbone, device, bf16)
+        net.train()
+    append_jsonl(run.file("history.jsonl"), row)
+    LOG.info(
+        f"epoch {epoch + 1}/{recipe.pretrain.epochs}: loss {loss:.2f} (on-diag {on_d:.2f}, "
+        f"off-diag {off_d:.1f}) lr {lr:.2e} {row['samples_per_s']:.1f} samples/s"
+        + (f", kNN val acc {row['knn_val_accuracy']:.3f}" if "knn_val_accuracy" in row else "")
+    )
+
+
+def _knn_monitor(recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device,
+                 bf16: bool) -> float:
+    """kNN (k=20, cosine) accuracy of the backbone's features, train -> val. Labels only monitor."""
+    from ..features import extract
+    from ..probes import knn_predict
+
+    d = recipe.data
+    root = pool.root
+    train = load_pool(root, pool.dataset_ids, ["train"], task=d.task, image_size=d.image_size,
+                      channels=d.channels, ram_budget_gb=d.ram_budget_gb)
+    val = load_pool(root, pool.dataset_ids, ["val"], task=d.task, image_size=d.image_size,
+                    channels=d.channels, ram_budget_gb=d.ram_budget_gb)
+    norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
+    f_train = extract(backbone, train.images, norm, device=device, bf16=bf16, show_progress=False)
+    f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)
+    pred = knn_predict(f_train, torch.as_tensor(train.labels), f_val, k=recipe.evaluate.knn_k,
+                       num_classes=train.num_classes)
+    return float((pred.cpu() == torch.as_tensor(val.labels)).float().mean())
+
+
+def _finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
+    meta = backbone_meta(pool.channels, recipe.model.gray_mode, pool.image_size)
+    meta.update(
+        norm_mean=json.dumps([NORM_MEAN] * pool.channels),
+        norm_std=json.dumps([NORM_STD] * pool.channels),
+        datasets=json.dumps(pool.dataset_ids),
+        recipe_hash=recipe.hash(),
+        medssl_version=__version__,
+        init="ssl",
+    )
+    save_weights(run.file("weights", "backbone.safetensors"), net.backbone, meta)
+    save_weights(run.file("weights", "projector.safetensors"), net.projector,
+                 {**meta, "projector": json.dumps(recipe.model.projector)})
+    history = read_jsonl(run.file("history.jsonl"))
+    loss_curve(history, run.file("plots", "loss.png"))
+    first, last = history[0], history[-1]
+    metrics = {
+        "epochs": len(history),
+        "final_loss": last["loss"],
+        "first_epoch_loss": first["loss"],
+        "loss_drop": 1 - last["loss"] / first["loss"] if first["loss"] else None,
+        "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history),
+        "train_time_s": sum(h["time_s"] for h in history),
+    }
+    if "knn_val_accuracy" in last:
+        metrics["knn_val_accuracy"] = last["knn_val_accuracy"]
+    write_json(run.file("metrics.json"), metrics)
+    run.set_status("finished", metrics=metrics)
+    LOG.info(f"Pretraining finished: loss {first['loss']:.1f} -> {last['loss']:.1f}. Weights: "
+             f"{run.file('weights', 'backbone.safetensors')}")

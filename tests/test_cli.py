@@ -1,0 +1,58 @@
+"""The CLI skeleton: fast --help without torch, version, data commands, one-line user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medssl_cli import __version__
+from medssl_cli.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    cap = capsys.readouterr()
+    return int(exc.value.code or 0), cap.out + cap.err
+
+
+def test_help_does_not_import_torch_or_mimeta() -> None:
+    code = (
+        "import sys\nfrom medssl_cli.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "bad = [m for m in ('torch', 'mimeta', 'h5py', 'matplotlib', 'sklearn') if m in sys.modules]\n"
+        "print('HEAVY', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    for sub in ("pretrain", "data"):
+        out = subprocess.run([sys.executable, "-c", code.replace("'--help'", f"'{sub}', '--help'")],
+                             capture_output=True, text=True, cwd=REPO)
+        assert "HEAVY []" in out.stdout, (sub, out.stdout + out.stderr)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(["--version"], capsys)
+    assert code == 0 and __version__ in out
+
+
+def test_data_synth_list_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(["data", "synth", "--out", str(tmp_path), "--organs", "40", "--crc", "54",
+                         "--size", "32"], capsys)
+    assert code == 0, out
+    code, out = run_cli(["data", "list", "--data-dir", str(tmp_path)], capsys)
+    assert code == 0 and "synthetic_organs_axial" in out and "synthetic_crc" in out
+    code, out = run_cli(["data", "info", "synthetic_crc", "--data-dir", str(tmp_path)], capsys)
+    assert code == 0 and "TUM" in out and "SYNTHETIC" in out
+    code, out = run_cli(["data", "info", "synthetic_crk", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and "Did you mean: synthetic_crc" in out and "Traceback" not in out
+
+
+def test_missing_root_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_cli(["data", "list", "--data-dir", str(tmp_path / "none")], capsys)
+    assert code == 2 and "7884735" in out and "Traceback" not in out

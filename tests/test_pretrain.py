@@ -1,0 +1,141 @@
+"""Pretraining stage: runs end to end, determinism, resume equality, NaN stop, protocol guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medssl_cli import checkpoint
+from medssl_cli.errors import TrainingDiverged, UserError
+from medssl_cli.preempt import Interrupted, StopFlag
+from medssl_cli.recipe import Recipe, override
+from medssl_cli.runs import Run
+from medssl_cli.stages import pretrain as stage
+
+PLANES = ["synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal"]
+
+
+def tiny(**extra: object) -> Recipe:
+    base = {
+        "data.datasets": PLANES,
+        "data.image_size": 32,
+        "model.projector": [64, 64],
+        "pretrain.epochs": 2,
+        "pretrain.batch_size": 32,
+        "pretrain.lr": 1e-3,
+        "pretrain.warmup_epochs": 1,
+        "pretrain.checkpoint_every": 1,
+        "compute.precision": "fp32",
+    }
+    base.update(extra)
+    return override(Recipe(), base)
+
+
+def weights(run: Run) -> dict[str, torch.Tensor]:
+    return load_file(str(run.file("weights", "backbone.safetensors")))
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_writes_a_complete_run(synth_root: Path, tmp_path: Path) -> None:
+    run = stage.pretrain(tiny(), data_dir=synth_root, runs_root=tmp_path)
+    info = run.manifest
+    assert info["status"] == "finished" and info["stage"] == "pretrain"
+    assert info["data"]["splits"] == ["train"] and info["data"]["fingerprint"]
+    seen = json.loads(run.file("data_seen.json").read_text())
+    assert set(seen) == set(PLANES) and all(set(s) == {"train"} for s in seen.values())
+    history = [json.loads(line) for line in run.file("history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"loss", "on_diag", "off_diag", "lr", "samples_per_s", "time_s"} <= set(history[0])
+    from safetensors import safe_open
+
+    with safe_open(str(run.file("weights", "backbone.safetensors")), "pt") as f:
+        meta = f.metadata()
+    assert meta["arch"] == "resnet18" and meta["in_channels"] == "1" and meta["image_size"] == "32"
+    assert meta["recipe_hash"] == run.recipe().hash()
+    assert run.file("plots", "loss.png").stat().st_size > 1000
+    assert "epoch 2/2" in run.file("log.txt").read_text()
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = tiny(**{"pretrain.epochs": 3})
+    a = stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / "a")
+    b = stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / "b")
+    assert same(weights(a), weights(b))
+
+    # Interrupt in the middle of epoch 2 (a mid-epoch checkpoint), then resume.
+    calls = {"n": 0}
+
+    def fake_bool(self: StopFlag) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            self.signum = 10
+            return True
+        return False
+
+    monkeypatch.setattr(StopFlag, "__bool__", fake_bool)
+    with pytest.raises(Interrupted):
+        stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / "c")
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "c").iterdir()
+    c = Run(run_dir)
+    assert c.status == "interrupted" and checkpoint.latest(c.file("checkpoint")) is not None
+    stage.pretrain(r, resume=run_dir)
+    assert Run(run_dir).status == "finished"
+    assert same(weights(a), weights(c))
+    ha = [json.loads(x) for x in a.file("history.jsonl").read_text().splitlines()]
+    hc = [json.loads(x) for x in c.file("history.jsonl").read_text().splitlines()]
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hc]
+
+
+def test_nan_loss_stops_with_failed_status_and_keeps_checkpoint(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = stage.barlow_twins_loss
+    calls = {"n": 0}
+
+    def flaky(z1, z2, lambd, world_size):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        loss, on, off = real(z1, z2, lambd, world_size)
+        return (loss * float("nan"), on, off) if calls["n"] > 3 else (loss, on, off)
+
+    monkeypatch.setattr(stage, "barlow_twins_loss", flaky)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+.*Lower --lr"):
+        stage.pretrain(tiny(), data_dir=synth_root, runs_root=tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    run = Run(run_dir)
+    assert run.status == "failed"
+    latest = checkpoint.latest(run.file("checkpoint"))
+    assert latest is not None and json.loads(latest.read_text())["step"] == 3  # end of epoch 1
+
+
+def test_test_split_is_refused(synth_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="leak test images"):
+        stage.pretrain(tiny(**{"data.splits": ["train", "test"]}), data_dir=synth_root, runs_root=tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_batch_larger_than_data_is_refused(synth_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="larger than the .* pretraining images"):
+        stage.pretrain(tiny(**{"pretrain.batch_size": 4096}), data_dir=synth_root, runs_root=tmp_path)
+
+
+def test_real_ids_with_aliases_start(real_ids_root: Path, tmp_path: Path) -> None:
+    """`medssl pretrain --datasets axial,coronal,sagittal` on MIMeta-format organ data."""
+    from medssl_cli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--datasets", "axial,coronal,sagittal", "--epochs", "1", "--batch-size", "32",
+              "--image-size", "32", "--data-dir", str(real_ids_root), "--runs-root", str(tmp_path),
+              "--precision", "fp32"])
+    assert exc.value.code == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert Run(run_dir).manifest["data"]["datasets"] == ["organs_axial", "organs_coronal", "organs_sagittal"]

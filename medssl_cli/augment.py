@@ -8,12 +8,11 @@ not change the random parameters of the others.
 
 Pipeline (Zbontar et al. 2021, appendix; BYOL's augmentations), in this order:
 
-1. RandomResizedCrop + horizontal flip, fused into one ``affine_grid``/``grid_sample`` (bilinear,
-   border clamp) per pyramid level. Crop boxes follow torchvision's sampling: 10 attempts of area
+1. RandomResizedCrop + horizontal flip. Crop boxes follow torchvision's sampling (10 attempts of area
    scale ~ U(scale) and aspect ratio log-uniform in ``ratio``, integer box sizes, else its centre-crop
-   fallback. Antialiasing: a 2x area-averaged pyramid (mipmap) of the batch is built when the source is
-   at least twice ``out_size``; each sample reads the coarsest level at which its crop's shorter side is
-   still >= ``out_size``, so bilinear never downsamples by 2x or more (no aliasing from large crops).
+   fallback). Crop, resize and flip are one separable resampling: two batched matmuls with per-sample
+   (out, size) weight matrices of a bilinear filter widened to the downscale factor, i.e. exactly
+   torchvision's ``resized_crop(antialias=True)`` + ``hflip`` (antialiased when a large crop shrinks).
 2. Colour jitter with probability ``jitter_p``, factors as torchvision's ColorJitter (brightness,
    contrast, saturation ~ U[max(0, 1-a), 1+a], hue ~ U[-h, h]) in a FIXED order brightness, contrast,
    saturation, hue (torchvision permutes per image; a fixed order keeps it sync-free and the ops nearly
@@ -21,7 +20,7 @@ Pipeline (Zbontar et al. 2021, appendix; BYOL's augmentations), in this order:
 3. Grayscale with probability ``grayscale_p`` (3-channel only; torchvision's luma weights).
 4. Gaussian blur with probability ``blur_p``, sigma ~ U(blur_sigma) given at 224 px and scaled by
    ``out_size / 224``; separable, reflect-padded, one kernel size (radius ceil(3 sigma_max)) for the
-   batch with per-sample weights, run as a grouped conv over batch x channels.
+   batch with per-sample weights (an identity kernel where off), as a grouped conv over batch x channels.
 5. Solarize with probability ``solarize_p``: pixels >= 0.5 become 1 - x.
 
 Output: float32 in [0, 1]; ``normalize`` is separate.
@@ -135,21 +134,31 @@ def sample_crop_boxes(
     return top, left, h, w
 
 
-def _levels(height: int, width: int, out_size: int) -> int:
-    """Number of pyramid levels: level l (size / 2**l) is kept while out_size * 2**l <= min side."""
-    n = 1
-    while out_size * 2**n <= min(height, width):
-        n += 1
-    return n
+def _resample_matrix(
+    start: torch.Tensor, length: torch.Tensor, size: int, out: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, out, size) weights resizing the pixel span [start, start + length) of one axis to ``out``.
 
-
-def _half(x: torch.Tensor) -> torch.Tensor:
-    """2x area downsample that keeps the image's extent (adaptive pooling handles odd sizes)."""
-    return F.adaptive_avg_pool2d(x, (max(1, x.shape[-2] // 2), max(1, x.shape[-1] // 2)))
+    Bilinear (triangle) filter widened to ``length / out`` pixels when downscaling, taps restricted to
+    the span and renormalised: torchvision's crop-then-resize with antialias=True. Pixel centres sit at
+    t + 0.5 and output o samples start + (o + 0.5) * length / out. ``flip`` mirrors the output.
+    """
+    scale = length / out
+    support = scale.clamp(min=1.0).view(-1, 1, 1)
+    o = torch.arange(out, device=start.device, dtype=torch.float32) + 0.5
+    o = o.expand(start.shape[0], out)
+    if flip is not None:
+        o = torch.where(flip.view(-1, 1), out - o, o)  # small (B, out): cheap
+    centre = start.view(-1, 1) + o * scale.view(-1, 1)
+    t = torch.arange(size, device=start.device, dtype=torch.float32) + 0.5
+    wts = (1 - (t.view(1, 1, -1) - centre.unsqueeze(2)).abs_() / support).clamp_(min=0)
+    inside = (t.view(1, -1) > start.view(-1, 1)) & (t.view(1, -1) < (start + length).view(-1, 1))
+    wts.mul_(inside.unsqueeze(1))
+    return wts.div_(wts.sum(dim=2, keepdim=True))  # every output has a tap within 0.5 px: sum > 0
 
 
 def resized_crop(
-    xf: torch.Tensor,
+    x: torch.Tensor,
     top: torch.Tensor,
     left: torch.Tensor,
     h: torch.Tensor,
@@ -157,102 +166,114 @@ def resized_crop(
     flip: torch.Tensor,
     out_size: int,
 ) -> torch.Tensor:
-    """Crop boxes (pixels) of float images, resized to out_size (bilinear on a mipmap), optionally mirrored.
+    """Per-sample boxes (pixels) of uint8 or float images, resized to out_size x out_size, maybe mirrored.
 
-    align_corners=False maps the box's outer pixel edges to the output's, so a full box at the same
-    size is the identity and, when upscaling, this equals bilinear ``F.interpolate``.
+    Separable resampling as two batched matmuls with per-sample (out, size) matrices: equal to
+    torchvision's ``resized_crop(..., antialias=True)`` + ``hflip``, but one call for the whole batch.
+    uint8 input is scaled to [0, 1] by the matrices (no separate division pass over the source).
     """
-    b, c, height, width = xf.shape
-    sx = (w / width) * torch.where(flip, -1.0, 1.0)
-    sy = h / height
-    tx = (2 * left + w) / width - 1
-    ty = (2 * top + h) / height - 1
-    zero = torch.zeros_like(sx)
-    theta = torch.stack([sx, zero, tx, zero, sy, ty], dim=1).view(b, 2, 3)
-    grid = F.affine_grid(theta, [b, c, out_size, out_size], align_corners=False)
-
-    def sample(img: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    y = sample(xf)
-    n_levels = _levels(height, width, out_size)
-    if n_levels > 1:
-        short = torch.minimum(h, w)
-        level = sum((short >= out_size * 2**k).to(torch.int64) for k in range(1, n_levels))
-        cur = xf
-        for k in range(1, n_levels):
-            cur = _half(cur)
-            y = torch.where(_col(level == k), sample(cur), y)
-    return y
+    b, c, height, width = x.shape
+    rx = _resample_matrix(left, w, width, out_size, flip)  # (B, out, W)
+    ry = _resample_matrix(top, h, height, out_size)  # (B, out, H)
+    if x.dtype == torch.uint8:
+        rx = rx * (1 / 255)
+    y = torch.bmm(x.to(torch.float32).reshape(b, c * height, width), rx.transpose(1, 2))  # (B, C*H, out)
+    return torch.matmul(ry.unsqueeze(1), y.view(b, c, height, out_size))  # (B, C, out, out)
 
 
 # --------------------------------------------------------------------------------------------
-# Photometric ops on float [0, 1] batches; factors are (B,) tensors (torchvision's definitions)
+# Photometric ops on float [0, 1] batches, IN PLACE (trailing underscore; make_view owns its buffers),
+# factors are (B,) tensors, definitions as torchvision's. On this CPU build fresh large tensors cost
+# page faults, and boolean masks, torch.where and index ops (max with indices, argmax, gather) are
+# 5-50x slower than float arithmetic: so per-sample on/off is an identity factor or a 0/1 lerp weight,
+# and masks are built from float sign().
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     wr, wg, wb = GRAY_WEIGHTS
-    return wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3]
+    return (x[:, 0:1] * wr).add_(x[:, 1:2], alpha=wg).add_(x[:, 2:3], alpha=wb)
 
 
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def adjust_brightness_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """x * f, clamped to [0, 1]."""
-    return (x * _col(factor)).clamp_(0, 1)
+    return x.mul_(_col(factor)).clamp_(0, 1)
 
 
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """f * x + (1 - f) * mean(gray(x)), clamped; the mean is per image (of the image itself if 1-channel)."""
     if x.shape[1] == 3:
         m = x.mean(dim=(2, 3))
         mean = sum(wt * m[:, i] for i, wt in enumerate(GRAY_WEIGHTS))
     else:
         mean = x.mean(dim=(1, 2, 3))
-    f = _col(factor)
-    return (f * x + (1 - f) * _col(mean)).clamp_(0, 1)
+    return x.mul_(_col(factor)).add_(_col((1 - factor) * mean)).clamp_(0, 1)
 
 
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def adjust_saturation_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """f * x + (1 - f) * gray(x), clamped (3-channel)."""
-    f = _col(factor)
-    return (f * x + (1 - f) * _gray(x)).clamp_(0, 1)
+    gray = _gray(x).mul_(_col(1 - factor))
+    return x.mul_(_col(factor)).add_(gray).clamp_(0, 1)
 
 
-def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate hue by f turns (f in [-0.5, 0.5]) in HSV space, keeping saturation and value (3-channel).
 
-    hue sextant h in [0, 6) from the max channel; back to RGB with chroma c = max - min:
-    channel_n = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1 for R, G, B.
+    Value v = max, chroma c = max - min, hue sextant h = (G - B) / c if R is the max, else
+    (B - R) / c + 2 if G is, else (R - G) / c + 4 (ties give the same h). Back to RGB:
+    channel_n = v - c * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6, n = 5, 3, 1 for R, G, B
+    (the closed form of the HSV-to-RGB sextant table).
     """
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     v = x.amax(dim=1)
     c = v - x.amin(dim=1)
-    cs = torch.where(c > 0, c, torch.ones_like(c))  # gray pixels: any hue, c = 0 cancels it
-    h = torch.where(v == r, (g - b) / cs, torch.where(v == g, (b - r) / cs + 2, (r - g) / cs + 4))
-    h = torch.remainder(h + 6 * factor.view(-1, 1, 1), 6)
+    is_r = torch.sign(r - v).add_(1)  # 1 where R is the max (r - v <= 0), else 0
+    is_g = torch.sign(g - v).add_(1).mul_(1 - is_r)
+    # h * c = C + is_r * (A - C) + is_g * (B - C) with A = G - B, B = B - R + 2c, C = R - G + 4c
+    hc = (r - g).add_(c, alpha=4)
+    hc.addcmul_(is_r, (2 * g - b - r).sub_(c, alpha=4))
+    hc.addcmul_(is_g, (b + g - 2 * r).sub_(c, alpha=2))
+    h = hc.div_(c.clamp(min=1e-12)).add_(6 * factor.view(-1, 1, 1))  # gray: c = 0 cancels h below
     n = 5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(h.unsqueeze(1) + n, 6)
-    return (v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)).clamp_(0, 1)
+    k = h.unsqueeze(1) + n
+    q = torch.mul(k, 1 / 6).floor_()
+    k.sub_(q, alpha=6)  # mod 6 (torch.remainder is slow on CPU)
+    tri = torch.minimum(k, torch.neg(k, out=q).add_(4), out=q).clamp_(0, 1)
+    return torch.addcmul(v.unsqueeze(1), c.unsqueeze(1), tri, value=-1, out=x)
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with per-sample sigma (B,) and a shared kernel of 2*radius+1 taps.
+def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, 2r+1) normalised weights exp(-t^2 / (2 sigma^2)), t = -r..r (torchvision's kernel)."""
+    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
+    wts = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3).unsqueeze(1)) ** 2)
+    return wts / wts.sum(dim=1, keepdim=True)
 
-    Weights exp(-t^2 / (2 sigma^2)) normalised to sum 1 (torchvision's kernel), reflect padding. The
-    batch and channels become conv groups, so each sample gets its own 1-D kernel in one conv call.
+
+def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Separable blur with per-sample 1-D kernels (B, 2r+1), reflect padding.
+
+    Batch x channels become conv groups, so every sample gets its own kernel in one conv call.
     """
     b, c, height, width = x.shape
-    radius = min(radius, height - 1, width - 1)  # reflect padding needs pad < size
-    if radius < 1:
+    k = kernels.shape[1]
+    r = k // 2
+    if r < 1:
         return x
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    wts = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3).unsqueeze(1)) ** 2)
-    wts = (wts / wts.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # (B*C, 2r+1)
-    k = 2 * radius + 1
-    y = F.pad(x.reshape(1, b * c, height, width), (radius, radius, 0, 0), mode="reflect")
+    if r >= min(height, width):  # reflect padding needs pad < size: trim the (negligible) tails
+        cut = r - min(height, width) + 1
+        kernels = kernels[:, cut : k - cut]
+        kernels = kernels / kernels.sum(dim=1, keepdim=True)
+        k, r = kernels.shape[1], kernels.shape[1] // 2
+    wts = kernels.repeat_interleave(c, dim=0)  # (B*C, k)
+    y = F.pad(x.reshape(1, b * c, height, width), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, wts.view(b * c, 1, 1, k), groups=b * c)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+    y = F.pad(y, (0, 0, r, r), mode="reflect")
     y = F.conv2d(y, wts.view(b * c, 1, k, 1), groups=b * c)
     return y.view(b, c, height, width)
+
+
+def solarize_(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
+    """Pixels >= 0.5 become 1 - x in samples where ``on`` (B,) is true: x - on * relu(2x - 1)."""
+    return x.addcmul_(torch.relu_(x * 2 - 1), _col(on.to(x.dtype)), value=-1)
 
 
 def _uniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -260,23 +281,21 @@ def _uniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def _color_jitter(x: torch.Tensor, u: torch.Tensor, cfg: ViewRecipe) -> torch.Tensor:
-    """Brightness, contrast (all data), then saturation, hue (3-channel), each on the jittered samples."""
-    on = u[:, _U_JITTER] < cfg.jitter_p
-    one = torch.ones_like(u[:, 0])
+    """Brightness, contrast (all data), then saturation, hue (3-channel); identity factors where off."""
+    on = (u[:, _U_JITTER] < cfg.jitter_p).to(torch.float32)
 
     def factor(col: int, amount: float) -> torch.Tensor:
-        return torch.where(on, _uniform(u[:, col], max(0.0, 1.0 - amount), 1.0 + amount), one)
+        return 1 + on * (_uniform(u[:, col], max(0.0, 1.0 - amount), 1.0 + amount) - 1)
 
     if cfg.brightness > 0:
-        x = adjust_brightness(x, factor(_U_BRIGHT, cfg.brightness))
+        x = adjust_brightness_(x, factor(_U_BRIGHT, cfg.brightness))
     if cfg.contrast > 0:
-        x = adjust_contrast(x, factor(_U_CONTRAST, cfg.contrast))
+        x = adjust_contrast_(x, factor(_U_CONTRAST, cfg.contrast))
     if x.shape[1] == 3:
         if cfg.saturation > 0:
-            x = adjust_saturation(x, factor(_U_SAT, cfg.saturation))
-        if cfg.hue > 0:
-            shifted = adjust_hue(x, _uniform(u[:, _U_HUE], -cfg.hue, cfg.hue))
-            x = torch.where(_col(on), shifted, x)  # the HSV round trip is not bit-exact: keep the rest
+            x = adjust_saturation_(x, factor(_U_SAT, cfg.saturation))
+        if cfg.hue > 0:  # shift 0 where off: the HSV round trip changes those by ~1 ulp only
+            x = adjust_hue_(x, on * _uniform(u[:, _U_HUE], -cfg.hue, cfg.hue))
     return x
 
 
@@ -290,25 +309,32 @@ def make_view(
     """One augmented view of a uint8 (B, C, H, W) batch: float32 (B, C, out_size, out_size) in [0, 1]."""
     _check_input(x, out_size)
     check_view(cfg)
-    b, c, height, width = x.shape
-    u = _rand(x, _N_UNIFORM, generator)
+    if x.shape[0] == 0:
+        return torch.zeros(0, x.shape[1], out_size, out_size, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):  # float32 matmuls/convs even inside autocast
+        return _view(x, cfg, out_size, _rand(x, _N_UNIFORM, generator))
 
+
+def _view(x: torch.Tensor, cfg: ViewRecipe, out_size: int, u: torch.Tensor) -> torch.Tensor:
+    c, height, width = x.shape[1:]
     top, left, h, w = sample_crop_boxes(u, height, width, cfg.crop_scale, cfg.crop_ratio)
-    flip = u[:, _U_FLIP] < cfg.flip_p
-    y = resized_crop(x.float().div_(255), top, left, h, w, flip, out_size)
+    y = resized_crop(x, top, left, h, w, u[:, _U_FLIP] < cfg.flip_p, out_size)
 
     if cfg.jitter_p > 0:
         y = _color_jitter(y, u, cfg)
     if c == 3 and cfg.grayscale_p > 0:
-        y = torch.where(_col(u[:, _U_GRAY] < cfg.grayscale_p), _gray(y).expand_as(y), y)
+        on = (u[:, _U_GRAY] < cfg.grayscale_p).to(torch.float32)
+        y = y.lerp_(_gray(y).expand_as(y), _col(on))  # weight 0 / 1: exact
     scale = out_size / BLUR_REF_SIZE
     radius = math.ceil(3 * cfg.blur_sigma[1] * scale)
     if cfg.blur_p > 0 and radius > 0:
         sigma = _uniform(u[:, _U_SIGMA], cfg.blur_sigma[0] * scale, cfg.blur_sigma[1] * scale)
-        y = torch.where(_col(u[:, _U_BLUR] < cfg.blur_p), gaussian_blur(y, sigma, radius), y)
+        kernels = gaussian_kernels(sigma, radius)
+        delta = (torch.arange(-radius, radius + 1, device=x.device) == 0).to(torch.float32)
+        on = (u[:, _U_BLUR] < cfg.blur_p).to(torch.float32).unsqueeze(1)
+        y = gaussian_blur(y, torch.lerp(delta.expand_as(kernels), kernels, on))  # off: identity kernel
     if cfg.solarize_p > 0:
-        on = _col(u[:, _U_SOLAR] < cfg.solarize_p) & (y >= 0.5)
-        y = torch.where(on, 1 - y, y)
+        y = solarize_(y, u[:, _U_SOLAR] < cfg.solarize_p)
     return y.clamp_(0, 1)
 
 
@@ -324,17 +350,14 @@ def make_pair(
 def to_float(x: torch.Tensor, out_size: int) -> torch.Tensor:
     """Deterministic eval input: float32 [0, 1], resized to out_size x out_size only if the size differs.
 
-    Same resampling as a full-image crop in ``make_view`` (2x area pyramid, then bilinear), so train
-    and eval see identically resized images.
+    Bilinear with antialiasing, the same resampling as a full-image crop in ``make_view``.
     """
     _check_input(x, out_size)
     xf = x.float().div_(255)
-    height, width = xf.shape[-2:]
-    if (height, width) == (out_size, out_size):
+    if tuple(xf.shape[-2:]) == (out_size, out_size):
         return xf
-    for _ in range(1, _levels(height, width, out_size)):
-        xf = _half(xf)
-    return F.interpolate(xf, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    y = F.interpolate(xf, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+    return y.clamp_(0, 1)
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

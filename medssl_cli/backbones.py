@@ -28,7 +28,7 @@ from torch import nn
 
 from .augment import normalize
 from .errors import UserError
-from .models import build_backbone, load_backbone, load_imagenet_backbone, load_weights
+from .models import build_backbone, imagenet_cache_path, load_backbone, load_imagenet_backbone, load_weights
 from .runs import Run
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -187,3 +187,9 @@ def load(
     if init == "random":
         return random_init(data_channels, gray_mode, seed)
     raise UserError(f"Unknown init '{init}'.", f"Choose from {', '.join(INITS)}.")
+
+
+def require_imagenet() -> None:
+    """Raise models' offline UserError (which names the expected cache file) if the weights are absent."""
+    if not imagenet_cache_path().is_file():
+        load_imagenet_backbone(3, "replicate")  # raises the UserError with the path and how to get the file

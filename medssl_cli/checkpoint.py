@@ -76,22 +76,36 @@ def save(
     meta = {"step": step, "optimizer": opt_meta, "sha256": _sha256(tensor_path), **extra}
     json_path = stem.with_suffix(".json")
     write_json(json_path, meta)
-    for old in ckpt_dir.glob("step-*"):
+    # Commit markers (JSON) first, so a crash in between never leaves a marker without its tensors.
+    for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: p.suffix != ".json"):
         if old.stem != stem.name:
             old.unlink(missing_ok=True)
     return json_path
 
 
 def latest(ckpt_dir: Path) -> Path | None:
-    """The newest committed, intact checkpoint's JSON path (or None)."""
+    """The newest committed, intact checkpoint's JSON path; None when none was ever committed.
+
+    A folder whose committed checkpoints are all damaged (hash mismatch, unreadable: disk corruption or
+    a planted file) is a UserError rather than None: silently training from scratch would lose the work.
+    Files that vanish while we look (a concurrent writer rotating checkpoints) are skipped.
+    """
+    damaged = []
     for json_path in sorted(ckpt_dir.glob("step-*.json"), reverse=True):
         tensor_path = json_path.with_suffix(".safetensors")
         try:
-            meta = read_json(json_path)
-        except ValueError:
-            continue
-        if tensor_path.is_file() and meta.get("sha256") == _sha256(tensor_path):
+            intact = read_json(json_path).get("sha256") == _sha256(tensor_path)
+        except (ValueError, OSError):
+            intact = False
+        if intact:
             return json_path
+        if json_path.exists():  # else it was rotated away while we looked
+            damaged.append(json_path.name)
+    if damaged:
+        raise UserError(
+            f"Checkpoint {ckpt_dir / damaged[0]} is damaged (tensors missing or failing the hash check).",
+            f"Restore it, or delete {ckpt_dir} to restart the run from scratch.",
+        )
     return None
 
 
@@ -103,7 +117,9 @@ def load(
     try:
         tensors = load_file(str(json_path.with_suffix(".safetensors")))
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"Checkpoint {json_path.with_suffix('.safetensors')} is unreadable ({exc}).") from None
+        raise UserError(
+            f"Checkpoint {json_path.with_suffix('.safetensors')} is unreadable ({exc})."
+        ) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta.pop("optimizer")))
     extra_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}

@@ -12,9 +12,10 @@ import click
 import typer
 
 from . import __version__
-from .commands import data, pretrain
+from .commands import data, demo, evaluate, finetune, pretrain, report, tsne
 from .console import console
 from .errors import UserError
+from .preempt import Interrupted
 
 app = typer.Typer(
     name="medssl",
@@ -26,6 +27,11 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.command("pretrain")(pretrain.pretrain)
+app.command("finetune")(finetune.finetune)
+app.command("evaluate")(evaluate.evaluate)
+app.command("tsne")(tsne.tsne)
+app.command("report")(report.report)
+app.command("demo")(demo.demo)
 
 
 def _version(value: bool) -> None:
@@ -36,7 +42,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
 ) -> None:
     """medssl: pretrain -> finetune -> evaluate -> tsne -> report."""
 
@@ -51,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         console.print(f"[red]error:[/red] {exc.line()}", soft_wrap=True)
         sys.exit(exc.exit_code)
+    except Interrupted as exc:  # graceful stop: checkpoint written, run marked interrupted
+        console.print(f"[yellow]interrupted:[/yellow] {exc}", soft_wrap=True)
+        sys.exit(128 + exc.signum if exc.signum else 130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

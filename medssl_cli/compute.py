@@ -1,9 +1,10 @@
 """Compute settings: device, precision, memory format, threads, seeds and RNG state.
 
-The "auto" choices follow measurements of a Barlow Twins ResNet-18 training step (see
-shared/reference/cpu-probe.md): bf16 autocast is ~1.4-1.9x faster than fp32 on a CPU with native
-bf16 (AVX512_BF16 / AMX) and slower than fp32 on one without; channels_last helps on CUDA and at
->= 64 px on CPU, but slows bf16 down at 32 px on CPU.
+The "auto" choices follow measurements of a Barlow Twins ResNet-18 training step on the project's
+2-core AVX512_BF16 CPU (shared/reference/cpu-probe.md, 2b): bf16 autocast gives 1.3-1.9x over fp32
+(more at larger images); channels_last adds ~10-20 % to bf16 at >= 64 px but cost ~25 % at 32 px
+(2 threads, batch 128), so on CPU it is on from 64 px. Without native bf16 (no AVX512_BF16 / AMX)
+"auto" stays in fp32: emulated bf16 is not expected to be faster.
 """
 
 from __future__ import annotations

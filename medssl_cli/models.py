@@ -274,14 +274,34 @@ def load_weights(
         ) from None
     for key in CHECKED_KEYS:
         if expect is not None and key in expect and metadata.get(key) != expect[key]:
+            got, want = metadata.get(key), expect[key]
             raise UserError(
-                f"{p} holds weights for {key}={metadata.get(key)!r}, but this run needs {key}={expect[key]!r}.",
+                f"{p} holds weights for {key}={got!r}, but this run needs {key}={want!r}.",
                 "Use weights made for the same data channels and model.gray_mode.",
             )
     return state, metadata
 
 
 def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load; a mismatch is one short line (torch's own message lists every key, over many lines)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{label} {len(keys)} (e.g. {keys[0]})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+        if keys
+    ]
+    if problems:
+        raise UserError(
+            f"Weights in {source} do not fit the {ARCH} network: {'; '.join(problems)}.",
+            "Use weights written by medssl for the same architecture and channels.",
+        )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

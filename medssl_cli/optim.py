@@ -103,7 +103,9 @@ def param_groups(
 
 
 def build_optimizer(
-    model: nn.Module, recipe: PretrainRecipe, batch_size: int | None = None
+    model: nn.Module | Iterable[tuple[str, nn.Parameter]],
+    recipe: PretrainRecipe,
+    batch_size: int | None = None,
 ) -> torch.optim.Optimizer:
     """The pretraining optimiser named by ``recipe.optimizer``.
 

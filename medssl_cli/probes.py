@@ -5,7 +5,8 @@ seconds once the features exist.
 
 - ``fit_lbfgs`` (the default ``finetune.head: lbfgs``): multinomial logistic regression,
   minimise mean_i CE(W z_i + b, y_i) + ||W||^2 / (2 C n)  (= sklearn's C * sum CE + ||W||^2 / 2; the
-  bias is not penalised), full batch, float64, torch's L-BFGS with a strong-Wolfe line search. The
+  bias is not penalised), full batch, SciPy's L-BFGS-B (the Fortran L-BFGS of Byrd, Lu,
+  Nocedal and Zhu, no bounds) on an explicit loss and gradient; ~0.1 s per C grid on a small subset. The
   features z are standardised with statistics of the *whole* train split (images only, no labels), and
   the standardisation is folded back into W and b at the end, so the result is a plain linear layer on
   raw features (512 x K + K parameters). C is chosen from ``c_grid`` by val accuracy (ties: lower val
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,28 @@ def _val_score(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return acc, float(F.cross_entropy(logits, y))
 
 
+def _objective(theta: np.ndarray, z: np.ndarray, onehot: np.ndarray, lam: float) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy + lam/2 ||W||^2 and its gradient; theta = [W.ravel(), b], W: (K, D).
+
+    With P = softmax(Z W^T + b): dL/dW = (P - Y)^T Z / n + lam W, dL/db = sum_i (P - Y)_i / n.
+    The products run in float32 (1.7x faster than float64 here; ample for a gradient tolerance of
+    1e-4), while L-BFGS keeps its iterate and history in float64.
+    """
+    n, d = z.shape
+    k = onehot.shape[1]
+    th = theta.astype(np.float32)
+    w, b = th[: k * d].reshape(k, d), th[k * d :]
+    logits = z @ w.T + b
+    logits -= logits.max(axis=1, keepdims=True)  # log-sum-exp shift: exact, avoids overflow
+    e = np.exp(logits)
+    s = e.sum(axis=1, keepdims=True)
+    reg = 0.5 * lam * float(np.dot(theta[: k * d], theta[: k * d]))
+    loss = -float((onehot * (logits - np.log(s))).sum(dtype=np.float64)) / n + reg
+    g = (e / s - onehot) / n
+    grad = np.concatenate([(g.T @ z).ravel() + lam * theta[: k * d], g.sum(axis=0, dtype=np.float64)])
+    return loss, grad
+
+
 def fit_lbfgs(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -82,60 +106,64 @@ def fit_lbfgs(
     c_grid: Sequence[float],
     *,
     reference: torch.Tensor | None = None,
-    max_iter: int = 300,
+    max_iter: int = 500,
+    tol: float = 1e-4,
 ) -> LinearFit:
-    """L-BFGS multinomial logistic regression, C chosen on val (see the module docstring)."""
+    """L-BFGS multinomial logistic regression, C chosen on val (see the module docstring).
+
+    ``tol``: stop when the largest gradient entry is below it (sklearn's default ``tol``, for the same
+    mean-loss objective), or after ``max_iter`` iterations.
+    """
+    from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
+
     if not c_grid or any(c <= 0 for c in c_grid):
         from .errors import UserError
 
         raise UserError(f"finetune.c_grid must be positive numbers, got {list(c_grid)}.")
     mu, sd = standardizer(reference if reference is not None else x_train)
-    z = (x_train.double() - mu) / sd
-    zv = (x_val.double() - mu) / sd
-    y, yv = y_train.long(), y_val.long()
-    n = z.shape[0]
-    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    best: tuple[tuple[float, float, float], torch.Tensor, torch.Tensor, float] | None = None
+    z = ((x_train.double() - mu) / sd).float().numpy()
+    zv = ((x_val.double() - mu) / sd).numpy()
+    y, yv = y_train.long().numpy(), y_val.long()
+    n, d, k = z.shape[0], z.shape[1], num_classes
+    onehot = np.eye(k, dtype=np.float32)[y]
+    theta = np.zeros(k * d + k)
+    best: tuple[tuple[float, float, float], np.ndarray, float] | None = None
     history = []
-    for c in sorted(float(c) for c in c_grid):
-        opt = torch.optim.LBFGS(
-            [w, b],
-            lr=1.0,
-            max_iter=max_iter,
-            history_size=20,
-            tolerance_grad=1e-6,
-            tolerance_change=1e-10,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure(c: float = c, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.cross_entropy(z @ w.T + b, y) + (w * w).sum() / (2 * c * n)
-            loss.backward()
-            return loss
-
-        loss = float(opt.step(closure).detach())
-        iters = int(opt.state[w].get("n_iter", 0))  # LBFGS keeps its state under the first param
-        with torch.no_grad():
-            acc, vloss = _val_score(zv @ w.T + b, yv)
-            train_acc = float(((z @ w.T + b).argmax(1) == y).double().mean())
-        history.append(
-            {
-                "C": c,
-                "train_objective": loss,
-                "train_accuracy": train_acc,
-                "val_accuracy": acc,
-                "val_loss": vloss,
-                "iterations": iters,
-            }
-        )
-        key = (acc, -vloss, -c)  # higher val accuracy, then lower val loss, then the smaller C
-        if best is None or key > best[0]:
-            best = (key, w.detach().clone(), b.detach().clone(), c)
+    # One BLAS thread: these are small products, and more threads only contend (measured: 2 threads on
+    # a busy 2-core machine were 10-30x slower). Single-threaded BLAS is also bitwise reproducible.
+    with threadpool_limits(limits=1):
+        for c in sorted(float(c) for c in c_grid):
+            res = minimize(
+                _objective,
+                theta,
+                args=(z, onehot, 1.0 / (c * n)),
+                jac=True,
+                method="L-BFGS-B",
+                options={"maxiter": max_iter, "gtol": tol},
+            )
+            theta = res.x  # warm start for the next (larger) C
+            w, b = theta[: k * d].reshape(k, d), theta[k * d :]
+            acc, vloss = _val_score(torch.from_numpy(zv @ w.T + b), yv)
+            train_acc = float(((z @ w.T.astype(np.float32) + b).argmax(1) == y).mean())
+            history.append(
+                {
+                    "C": c,
+                    "train_objective": float(res.fun),
+                    "train_accuracy": train_acc,
+                    "val_accuracy": acc,
+                    "val_loss": vloss,
+                    "iterations": int(res.nit),
+                    "converged": bool(res.success),
+                }
+            )
+            key = (acc, -vloss, -c)  # higher val accuracy, then lower val loss, then the smaller C
+            if best is None or key > best[0]:
+                best = (key, theta.copy(), c)
     assert best is not None
-    weight, bias = _fold(best[1], best[2], mu, sd)
-    return LinearFit(weight, bias, history, {"C": best[3], "val_accuracy": best[0][0]})
+    w_best = torch.from_numpy(best[1][: k * d].reshape(k, d))
+    weight, bias = _fold(w_best, torch.from_numpy(best[1][k * d :]), mu, sd)
+    return LinearFit(weight, bias, history, {"C": best[2], "val_accuracy": best[0][0]})
 
 
 def fit_sgd(
@@ -178,20 +206,23 @@ def fit_sgd(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         with torch.no_grad():
             acc, vloss = _val_score(head(zv), yv)
         row = {"epoch": epoch, "train_loss": total / len(y), "val_accuracy": acc, "val_loss": vloss}
         history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        key = (acc, -vloss)
-        if best is None or key > best[0]:
-            best, stale = (key, {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch), 0
+        # Early stopping counts epochs without a strictly better val accuracy; among the epochs with the
+        # best accuracy the lowest val loss is kept.
+        if best is None or acc > best[0][0]:
+            stale = 0
         else:
             stale += 1
-            if stale >= patience:
-                break
+        if best is None or (acc, -vloss) > best[0]:
+            best = ((acc, -vloss), {k: v.detach().clone() for k, v in head.state_dict().items()}, epoch)
+        if stale >= patience:
+            break
     assert best is not None
     weight, bias = _fold(best[1]["weight"].double(), best[1]["bias"].double(), mu, sd)
     return LinearFit(

@@ -76,7 +76,7 @@ class PretrainRecipe:
     lr: float = 0.03  # Adam: as given. LARS: per 256 images, scaled by batch/256 (weights)
     lr_biases: float = 0.0048  # LARS only: biases and BN, per 256 images
     weight_decay: float = 0.0  # LARS official: 1.5e-6 (never on biases/BN)
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = 10.0  # linear warmup, capped at a tenth of the run
     lambd: float = 0.0051
     checkpoint_every: int = 10  # epochs
     knn_every: int = 0  # epochs; 0 = off. kNN accuracy on val (monitor only)

@@ -24,6 +24,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import socket
 import sys
 from dataclasses import dataclass
@@ -80,7 +81,10 @@ class Run:
         try:
             return read_json(self.manifest_path)
         except FileNotFoundError:
-            raise UserError(f"{self.path} is not a medssl run (no run.json).") from None
+            raise UserError(
+                f"{self.path} is not a medssl run (no run.json).",
+                "Pass a run directory (the folder holding run.json).",
+            ) from None
         except ValueError:
             raise UserError(f"{self.manifest_path} is unreadable (not JSON).") from None
 
@@ -160,22 +164,28 @@ def create_run(
             candidate.mkdir(parents=True)
         except FileExistsError:
             raise UserError(
-                f"Run directory {candidate} already exists.", "Use --resume to continue it or --overwrite."
+                f"Run directory {candidate} already exists.",
+                "Continue it with --resume, or choose a new directory.",
             ) from None
     run = Run(candidate)
-    write_yaml(run.file("recipe.yaml"), recipe.to_dict())
-    run.update(
-        stage=stage,
-        name=name or "run",
-        status="running",
-        parent=str(parent.path.resolve()) if parent else None,
-        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        versions=versions(),
-        recipe_hash=recipe.hash(),
-        host=socket.gethostname(),
-        started=_now(),
-        **(extra or {}),
-    )
+    try:
+        write_yaml(run.file("recipe.yaml"), recipe.to_dict())
+        run.update(
+            stage=stage,
+            name=name or "run",
+            status="running",
+            parent=str(parent.path.resolve()) if parent else None,
+            command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            versions=versions(),
+            recipe_hash=recipe.hash(),
+            host=socket.gethostname(),
+            started=_now(),
+            **(extra or {}),
+        )
+    except BaseException:
+        # e.g. a full disk: a directory without run.json would only be clutter that no stage can use
+        shutil.rmtree(candidate, ignore_errors=True)
+        raise
     return run
 
 
@@ -257,12 +267,25 @@ class RunLock:
                     "Wait for it to finish; only one process may resume a run.",
                 ) from None
             raise
+        _remove_stale_temporaries(self.path.parent)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.fh is not None:
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
             self.fh.close()
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete temporaries of ``io.atomic_path`` (``.<name>.<random>.tmp``) that a killed process left.
+
+    Only called with the run lock held: no other process is writing into this run, so every such file
+    is an orphan (SIGKILL, OOM or power loss between its creation and its rename).
+    """
+    for tmp in run_dir.rglob(".*.tmp"):
+        if tmp.is_file():
+            LOG.info(f"Removing {tmp.relative_to(run_dir)}, left half-written by an earlier process")
+            tmp.unlink(missing_ok=True)
 
 
 def attach_log(run: Run, rank: int = 0) -> logging.Handler:

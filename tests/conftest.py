@@ -34,3 +34,50 @@ def real_ids_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("mimeta_real_ids")
     make_synthetic(root, organs=66, crc=108, size=32, seed=1, ids="real")
     return root
+
+
+@pytest.fixture(scope="session")
+def make_fake_pretrain(synth_root: Path):
+    """Factory for a finished pretrain run as stages/pretrain.py leaves it, without training: a seeded
+    random backbone in weights/backbone.safetensors (with the CONVENTIONS.md metadata), recipe.yaml,
+    run.json (status finished) and data_seen.json (+ ``extra_seen`` to simulate leakage)."""
+
+    def make(
+        runs_root: Path,
+        datasets: tuple[str, ...] = ("synthetic_organs_axial",),
+        *,
+        image_size: int = 32,
+        seed: int = 123,
+        extra_seen: dict | None = None,
+        name: str = "fake",
+    ):
+        import json
+
+        import torch
+
+        from medssl_cli import __version__
+        from medssl_cli.data.pool import load_pool
+        from medssl_cli.io import write_json
+        from medssl_cli.models import backbone_meta, build_backbone, save_weights
+        from medssl_cli.recipe import Recipe, override
+        from medssl_cli.runs import create_run
+
+        recipe = override(Recipe(), {"data.datasets": list(datasets), "data.image_size": image_size})
+        pool = load_pool(synth_root, list(datasets), ["train"], image_size=image_size, supervised=False)
+        run = create_run(runs_root, "pretrain", recipe, name=name, extra={"data": pool.provenance()})
+        seen = pool.seen()
+        for ds, splits in (extra_seen or {}).items():
+            seen.setdefault(ds, {}).update(splits)
+        write_json(run.file("data_seen.json"), seen)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(pool.channels, "replicate")
+        meta = backbone_meta(pool.channels, "replicate", image_size)
+        norm = json.dumps([0.5] * pool.channels)
+        meta.update(norm_mean=norm, norm_std=norm, datasets=json.dumps(pool.dataset_ids))
+        meta.update(recipe_hash=recipe.hash(), medssl_version=__version__, init="ssl")
+        save_weights(run.file("weights", "backbone.safetensors"), backbone, meta)
+        run.set_status("finished")
+        return run
+
+    return make

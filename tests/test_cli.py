@@ -31,8 +31,12 @@ def test_help_does_not_import_torch_or_mimeta() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
     for sub in ("pretrain", "data"):
-        out = subprocess.run([sys.executable, "-c", code.replace("'--help'", f"'{sub}', '--help'")],
-                             capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-c", code.replace("'--help'", f"'{sub}', '--help'")],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert "HEAVY []" in out.stdout, (sub, out.stdout + out.stderr)
 
 
@@ -42,8 +46,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_data_synth_list_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run_cli(["data", "synth", "--out", str(tmp_path), "--organs", "40", "--crc", "54",
-                         "--size", "32"], capsys)
+    code, out = run_cli(
+        ["data", "synth", "--out", str(tmp_path), "--organs", "40", "--crc", "54", "--size", "32"], capsys
+    )
     assert code == 0, out
     code, out = run_cli(["data", "list", "--data-dir", str(tmp_path)], capsys)
     assert code == 0 and "synthetic_organs_axial" in out and "synthetic_crc" in out

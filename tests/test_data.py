@@ -26,7 +26,9 @@ def _mimeta_items(root: Path, ds: str, task: str, split: str) -> tuple[list[int]
     return list(m.split_indices), images, np.asarray(m.labels)
 
 
-@pytest.mark.parametrize("ds,task", [("synthetic_organs_axial", "organ label"), ("synthetic_crc", "tissue class")])
+@pytest.mark.parametrize(
+    "ds,task", [("synthetic_organs_axial", "organ label"), ("synthetic_crc", "tissue class")]
+)
 def test_bulk_reader_is_byte_exact_with_mimeta(synth_root: Path, ds: str, task: str) -> None:
     pool = load_pool(synth_root, [ds], ["test"], image_size=32)
     rows, expected, labels = _mimeta_items(synth_root, ds, task, "test")
@@ -66,8 +68,12 @@ def test_ram_budget_switches_to_streaming(synth_root: Path) -> None:
 
 
 def test_pooling_three_planes(synth_root: Path) -> None:
-    pool = load_pool(synth_root, ["synthetic_organs_axial", "synthetic_organs_coronal",
-                                  "synthetic_organs_sagittal"], ["train"], image_size=32)
+    pool = load_pool(
+        synth_root,
+        ["synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal"],
+        ["train"],
+        image_size=32,
+    )
     single = load_pool(synth_root, ["synthetic_organs_axial"], ["train"], image_size=32)
     assert len(pool) == 3 * len(single)
     assert pool.num_classes == 11 and pool.channels == 1
@@ -79,20 +85,35 @@ def test_pooling_three_planes(synth_root: Path) -> None:
 
 def test_pooling_label_space_mismatch_is_an_error(synth_root: Path) -> None:
     with pytest.raises(UserError, match="label spaces differ"):
-        load_pool(synth_root, ["synthetic_organs_axial", "synthetic_crc"], ["train"], image_size=32,
-                  channels="3")
+        load_pool(
+            synth_root, ["synthetic_organs_axial", "synthetic_crc"], ["train"], image_size=32, channels="3"
+        )
     with pytest.raises(UserError, match="mix 1- and 3-channel"):
-        load_pool(synth_root, ["synthetic_organs_axial", "synthetic_crc"], ["train"], image_size=32,
-                  supervised=False)
-    pool = load_pool(synth_root, ["synthetic_organs_axial", "synthetic_crc"], ["train"], image_size=32,
-                     supervised=False, channels="3")
+        load_pool(
+            synth_root,
+            ["synthetic_organs_axial", "synthetic_crc"],
+            ["train"],
+            image_size=32,
+            supervised=False,
+        )
+    pool = load_pool(
+        synth_root,
+        ["synthetic_organs_axial", "synthetic_crc"],
+        ["train"],
+        image_size=32,
+        supervised=False,
+        channels="3",
+    )
     assert pool.channels == 3 and pool.conversions == ["synthetic_organs_axial: 1->3 channels"]
 
 
 def test_aliases_and_typos(real_ids_root: Path, synth_root: Path) -> None:
     infos = scan(real_ids_root)
-    assert resolve_names(["axial", "coronal", "sagittal"], infos) == ["organs_axial", "organs_coronal",
-                                                                     "organs_sagittal"]
+    assert resolve_names(["axial", "coronal", "sagittal"], infos) == [
+        "organs_axial",
+        "organs_coronal",
+        "organs_sagittal",
+    ]
     assert resolve_names(["organs", "crc"], infos)[-1] == "crc"
     with pytest.raises(UserError, match="Did you mean: .*organs_axial"):
         resolve_names(["organs_axail"], infos)

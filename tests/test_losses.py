@@ -136,7 +136,8 @@ WORKER = textwrap.dedent(
         b = z2[rank * 6 : (rank + 1) * 6].clone().requires_grad_()
         loss, on, off = barlow_twins_loss(a, b, lambd=0.1, world_size=2)
         loss.backward()
-        torch.save({{"loss": loss.detach(), "on": on.detach(), "ga": a.grad, "gb": b.grad}}, f"{{out}}/r{{rank}}.pt")
+        result = {{"loss": loss.detach(), "on": on.detach(), "ga": a.grad, "gb": b.grad}}
+        torch.save(result, f"{{out}}/r{{rank}}.pt")
         dist.destroy_process_group()
 
     if __name__ == "__main__":

@@ -50,7 +50,12 @@ def test_shipped_recipes_load(name: str) -> None:
 def test_organs_recipe_is_the_study_setup() -> None:
     r = load_recipe(REPO / "recipes" / "organs-bt.yaml")
     assert r.data.datasets == ["axial", "coronal", "sagittal"] and r.data.splits == ["train"]
-    assert (r.pretrain.epochs, r.pretrain.batch_size, r.pretrain.optimizer, r.pretrain.lr) == (1000, 256, "adam", 0.03)
+    assert (r.pretrain.epochs, r.pretrain.batch_size, r.pretrain.optimizer, r.pretrain.lr) == (
+        1000,
+        256,
+        "adam",
+        0.03,
+    )
     assert r.data.image_size == 224
 
 
@@ -95,7 +100,8 @@ def test_run_lock_is_exclusive(tmp_path: Path) -> None:
     run = create_run(tmp_path, "pretrain", Recipe())
     code = (
         "import sys; from medssl_cli.runs import RunLock; from medssl_cli.errors import UserError\n"
-        f"try:\n    RunLock({str(run.path)!r}).__enter__()\nexcept UserError as e:\n    print(e); sys.exit(3)\n"
+        f"try:\n    RunLock({str(run.path)!r}).__enter__()\n"
+        "except UserError as e:\n    print(e); sys.exit(3)\n"
     )
     with RunLock(run.path):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -109,7 +115,9 @@ def test_concurrent_processes_get_distinct_runs(tmp_path: Path) -> None:
         "from medssl_cli.runs import create_run; from medssl_cli.recipe import Recipe\n"
         f"print(create_run({str(tmp_path)!r}, 'pretrain', Recipe(), name='same').path)\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        for _ in range(4)
+    ]
     paths = [p.communicate()[0].strip() for p in procs]
     assert len(set(paths)) == 4

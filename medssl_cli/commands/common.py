@@ -10,8 +10,12 @@ import typer
 from ..errors import UserError
 
 RECIPE = typer.Option(None, "--recipe", help="YAML recipe file (defaults < recipe < CLI options).")
-DATA_DIR = typer.Option(None, "--data-dir", help="MIMeta root (default: $MEDSSL_DATA, else ~/.local/share/medssl/mimeta).")
-RUNS_ROOT = typer.Option(None, "--runs-root", help="Where run directories live (default: $MEDSSL_RUNS, else ./runs).")
+DATA_DIR = typer.Option(
+    None, "--data-dir", help="MIMeta root (default: $MEDSSL_DATA, else ~/.local/share/medssl/mimeta)."
+)
+RUNS_ROOT = typer.Option(
+    None, "--runs-root", help="Where run directories live (default: $MEDSSL_RUNS, else ./runs)."
+)
 NAME = typer.Option(None, "--name", help="Name part of the run directory.")
 DEVICE = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
 SEED = typer.Option(None, "--seed", help="Random seed.")
@@ -34,7 +38,9 @@ def int_list(text: str | None, option: str) -> list[int] | None:
     try:
         return [int(t) for t in items]
     except ValueError:
-        raise UserError(f"{option} '{text}' must be comma-separated integers.", f"Example: {option} 0,1,2") from None
+        raise UserError(
+            f"{option} '{text}' must be comma-separated integers.", f"Example: {option} 0,1,2"
+        ) from None
 
 
 def runs_root(value: Path | None) -> Path:

@@ -39,10 +39,13 @@ def evaluate(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="MIMeta root (default: the run's)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
 ) -> None:
-    """Test metrics (accuracy + 95% CI, balanced accuracy, macro-F1, macro AUROC, per-class recall,
-    confusion matrix) of finetune cells, written into each cell and the grid; or a kNN probe.
+    """Test metrics of finetune cells, written into each cell and the grid; or a kNN probe.
 
-    Refuses to evaluate images (or subjects) the pretrained backbone saw unless --allow-leakage.
+    Metrics: accuracy with a 95% CI, balanced accuracy, macro-F1, macro AUROC, per-class recall, confusion.
+
+    Refuses images (or subjects) that the pretrained backbone saw, unless --allow-leakage (recorded).
+
+    --probe knn --from PRETRAIN_RUN writes a new run evaluate-knn-<stamp> (never into the pretrain run).
     """
     from ..runs import default_runs_root
     from ..stages.evaluate import evaluate as run_evaluate

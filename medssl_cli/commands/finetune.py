@@ -95,9 +95,11 @@ def finetune(
 ) -> None:
     """Fine-tune on label fractions: inits x modes x fractions x seeds, one sub-run per cell.
 
-    Cells run in the order inits x modes x fractions x seeds (seeds fastest); finished cells are
-    skipped, so re-running (or --resume GRID) finishes an interrupted grid. Only train (fitting) and
-    val (selection) are loaded; the test split is for `medssl evaluate`.
+    Cell order: inits x modes x fractions x seeds, seeds fastest (--cell K counts from 0).
+
+    With --resume GRID (or --grid-dir DIR) finished cells are skipped, so an interrupted grid completes.
+
+    Only train (fitting) and val (selection) are loaded; the test split is for `medssl evaluate`.
     """
     from ..runs import default_runs_root
     from ..stages.finetune import finetune as run_finetune

@@ -1,4 +1,9 @@
-"""`medssl pretrain`: options -> recipe -> stages.pretrain.pretrain."""
+"""`medssl pretrain`: options -> recipe -> stages.pretrain.pretrain.
+
+Exit codes: 0 finished (or ``--run-dir`` already finished), 2 user error, 128 + signal number when
+stopped by a signal after writing a checkpoint (130 Ctrl-C, 138 SIGUSR1, 143 SIGTERM; the run is
+``interrupted`` and resumable), 1 crash. Under torchrun or srun every rank runs this same command.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +16,26 @@ from . import common
 
 
 def pretrain(
-    datasets: str = typer.Option(None, "--datasets", help="Datasets to pool: ids or aliases (axial,coronal,sagittal, organs, crc)."),
+    datasets: str = typer.Option(
+        None, "--datasets", help="Datasets to pool: ids or aliases (axial,coronal,sagittal, organs, crc)."
+    ),
     recipe: Path = common.RECIPE,
     epochs: int = typer.Option(None, "--epochs", help="Epochs (study: 1000)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Global batch size (study: 256)."),
     lr: float = typer.Option(None, "--lr", help="Learning rate (Adam: as is; LARS: per 256 images)."),
     optimizer: str = typer.Option(None, "--optimizer", help="adam (study) or lars (official Barlow Twins)."),
-    image_size: int = typer.Option(None, "--image-size", help="Images are resized once to this size (MIMeta: 224)."),
-    splits: str = typer.Option(None, "--splits", help="Pretraining splits: train (default) or train,val. Never test."),
-    channels: str = typer.Option(None, "--channels", help="auto, 1 or 3: convert pooled datasets explicitly."),
-    gray_mode: str = typer.Option(None, "--gray-mode", help="1-channel data: replicate (to 3 channels) or native (1-channel conv1)."),
+    image_size: int = typer.Option(
+        None, "--image-size", help="Images are resized once to this size (MIMeta: 224)."
+    ),
+    splits: str = typer.Option(
+        None, "--splits", help="Pretraining splits: train (default) or train,val. Never test."
+    ),
+    channels: str = typer.Option(
+        None, "--channels", help="auto, 1 or 3: convert pooled datasets explicitly."
+    ),
+    gray_mode: str = typer.Option(
+        None, "--gray-mode", help="1-channel data: replicate (to 3 channels) or native (1-channel conv1)."
+    ),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 where native), bf16 or fp32."),
     knn_every: int = typer.Option(None, "--knn-every", help="kNN val accuracy every K epochs (0: off)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Checkpoint every N epochs."),
@@ -29,26 +44,56 @@ def pretrain(
     runs_root: Path = common.RUNS_ROOT,
     name: str = common.NAME,
     resume: Path = typer.Option(None, "--resume", help="Continue an interrupted pretrain run directory."),
+    run_dir: Path = typer.Option(
+        None,
+        "--run-dir",
+        help="Fixed run directory: created if absent, resumed if it holds an unfinished "
+        "run (same options). For job scripts: --run-dir runs/pretrain-$SLURM_JOB_ID.",
+    ),
+    requeue: bool = typer.Option(
+        False,
+        "--requeue/--no-requeue",
+        envvar="MEDSSL_REQUEUE",
+        help="After a SIGUSR1/SIGTERM stop in a SLURM job: checkpoint, then `scontrol requeue` the job.",
+    ),
     data_dir: Path = common.DATA_DIR,
 ) -> None:
     """Barlow Twins pretraining of a ResNet-18 on the official train split(s)."""
+    from ..cluster import exit_code
+    from ..preempt import Interrupted
     from ..stages.pretrain import pretrain as run_pretrain
 
-    rec = common.build_recipe(recipe, {
-        "data.datasets": common.csv(datasets),
-        "data.splits": common.csv(splits),
-        "data.image_size": image_size,
-        "data.channels": channels,
-        "model.gray_mode": gray_mode,
-        "pretrain.epochs": epochs,
-        "pretrain.batch_size": batch_size,
-        "pretrain.lr": lr,
-        "pretrain.optimizer": optimizer,
-        "pretrain.knn_every": knn_every,
-        "pretrain.checkpoint_every": checkpoint_every,
-        "compute.seed": seed,
-        "compute.device": device,
-        "compute.precision": precision,
-    })
-    run = run_pretrain(rec, data_dir=data_dir, runs_root=common.runs_root(runs_root), name=name, resume=resume)
-    console.print(f"Pretrain run: {run.path}")
+    rec = common.build_recipe(
+        recipe,
+        {
+            "data.datasets": common.csv(datasets),
+            "data.splits": common.csv(splits),
+            "data.image_size": image_size,
+            "data.channels": channels,
+            "model.gray_mode": gray_mode,
+            "pretrain.epochs": epochs,
+            "pretrain.batch_size": batch_size,
+            "pretrain.lr": lr,
+            "pretrain.optimizer": optimizer,
+            "pretrain.knn_every": knn_every,
+            "pretrain.checkpoint_every": checkpoint_every,
+            "compute.seed": seed,
+            "compute.device": device,
+            "compute.precision": precision,
+        },
+    )
+    try:
+        run = run_pretrain(
+            rec,
+            data_dir=data_dir,
+            runs_root=common.runs_root(runs_root),
+            name=name,
+            resume=resume,
+            run_dir=run_dir,
+            requeue=requeue,
+        )
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}[/yellow]", soft_wrap=True)
+        # SystemExit, not typer.Exit: click (standalone_mode=False) turns Exit into a return value.
+        raise SystemExit(exit_code(exc.signum)) from None
+    console.print(f"Pretrain run: {run.path}", soft_wrap=True)

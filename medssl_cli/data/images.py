@@ -157,5 +157,7 @@ class ImageArray:
         for p in np.unique(part):
             sel = np.nonzero(part == p)[0]
             h5, rows = self.parts[p]
-            out[torch.from_numpy(sel)] = read_images(h5, rows[idx[sel] - self.offsets[p]], self.size, self.channels)
+            out[torch.from_numpy(sel)] = read_images(
+                h5, rows[idx[sel] - self.offsets[p]], self.size, self.channels
+            )
         return out

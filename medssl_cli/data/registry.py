@@ -57,7 +57,9 @@ def validate_info(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} must hold a mapping.", "Restore the file from the MIMeta download.")
     missing = [k for k in REQUIRED_INFO if k not in info]
     if missing:
-        raise UserError(f"{path} lacks the field(s) {', '.join(missing)}.", "Restore it from the MIMeta download.")
+        raise UserError(
+            f"{path} lacks the field(s) {', '.join(missing)}.", "Restore it from the MIMeta download."
+        )
     size = info["input_size"]
     if not (isinstance(size, list) and len(size) == 3 and size[0] in (1, 3)):
         raise UserError(f"{path}: input_size must be [C, H, W] with C = 1 or 3, got {size!r}.")

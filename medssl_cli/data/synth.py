@@ -31,10 +31,12 @@ from ..io import write_bytes, write_text, write_with, write_yaml
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "val", "test")
+# fmt: off
 TARGETS = ("MULTICLASS_CLASSIFICATION", "BINARY_CLASSIFICATION", "MULTILABEL_CLASSIFICATION",
-           "ORDINAL_REGRESSION", "REGRESSION")  # fmt: skip
+           "ORDINAL_REGRESSION", "REGRESSION")
 ORGAN_LABELS = ("heart", "left lung", "right lung", "liver", "spleen", "pancreas", "left kidney",
-                "right kidney", "bladder", "left femoral head", "right femoral head")  # fmt: skip
+                "right kidney", "bladder", "left femoral head", "right femoral head")
+# fmt: on
 CRC_LABELS = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 PLANES = ("axial", "coronal", "sagittal")
 # Real organs: 871/156/618 of 1,645, split by CT volume. Real crc: 85,000/15,000/7,180 (79/14/7); the
@@ -42,6 +44,7 @@ PLANES = ("axial", "coronal", "sagittal")
 ORGAN_FRACTIONS = (0.53, 0.09, 0.38)
 CRC_FRACTIONS = (0.71, 0.14, 0.15)
 _LEFT, _RIGHT = {1, 6, 9}, {2, 7, 10}  # organ classes with a side
+_ALPHA = 0.8
 
 
 @dataclass
@@ -54,9 +57,16 @@ class TaskSpec:
     values: np.ndarray
 
 
-def write_mimeta_dataset(root: Path, dataset_id: str, images: np.ndarray, tasks: list[TaskSpec],
-                         splits: dict[str, np.ndarray], info_extra: dict | None = None, *,
-                         overwrite: bool = False) -> Path:  # fmt: skip
+def write_mimeta_dataset(
+    root: Path,
+    dataset_id: str,
+    images: np.ndarray,
+    tasks: list[TaskSpec],
+    splits: dict[str, np.ndarray],
+    info_extra: dict | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """Write one dataset folder; built in ``<root>/.medssl-tmp-*/<id>`` and renamed into place.
 
     The temporary folder sits one level down, so a crash never leaves anything the MIMeta loader
@@ -84,7 +94,9 @@ def write_mimeta_dataset(root: Path, dataset_id: str, images: np.ndarray, tasks:
         for name in SPLITS:
             idx = np.sort(np.asarray(splits.get(name, []), dtype=np.int64))
             if len(idx):  # like the official writer: no file for an empty split
-                write_text(tmp / "splits" / f"{name}.txt", "\n".join(f"images/{i:0{width}d}.tiff" for i in idx))
+                write_text(
+                    tmp / "splits" / f"{name}.txt", "\n".join(f"images/{i:0{width}d}.tiff" for i in idx)
+                )
         write_yaml(tmp / "info.yaml", info)  # last: a folder with info.yaml is a complete dataset
         old = work / "previous"
         if target.exists():
@@ -107,8 +119,9 @@ def _write_hdf5(path: Path, images: np.ndarray) -> None:
         f.create_dataset("images", data=images)
 
 
-def _validate(dataset_id: str, images: np.ndarray, tasks: list[TaskSpec], splits: dict[str, Any],
-              extra: dict) -> dict:  # fmt: skip
+def _validate(
+    dataset_id: str, images: np.ndarray, tasks: list[TaskSpec], splits: dict[str, Any], extra: dict
+) -> dict:
     """Check the arrays against the format and return the info.yaml dict."""
     if not dataset_id or "/" in dataset_id or dataset_id.startswith("."):
         raise ValueError(f"bad dataset id {dataset_id!r}")
@@ -135,8 +148,14 @@ def _validate(dataset_id: str, images: np.ndarray, tasks: list[TaskSpec], splits
     info: dict[str, Any] = {"id": dataset_id, "name": dataset_id, "domain": "Unknown"}
     info.update({k: extra[k] for k in ("name", "domain", "summary", "description") if k in extra})
     info["input_size"] = [1 if images.ndim == 3 else 3, int(h), int(w)]
-    info["tasks"] = [{"task_name": t.task_name, "task_target": t.task_target,
-                      "labels": {int(k): str(v) for k, v in t.labels.items()}} for t in tasks]  # fmt: skip
+    info["tasks"] = [
+        {
+            "task_name": t.task_name,
+            "task_target": t.task_target,
+            "labels": {int(k): str(v) for k, v in t.labels.items()},
+        }
+        for t in tasks
+    ]
     info["splits_num_samples"] = {s: int(len(splits.get(s, []))) for s in SPLITS}
     info["total_num_samples"] = n
     info.update({k: v for k, v in extra.items() if k not in info})
@@ -170,20 +189,20 @@ def _ell(u, v, a, b, soft=0.06, x0=0.0, y0=0.0):
     return _sig((1 - np.sqrt(((u - x0) / a) ** 2 + ((v - y0) / b) ** 2)) / soft)
 
 
-def _freqs(s: int) -> np.ndarray:
-    return np.fft.fftfreq(s)[:, None] ** 2 + np.fft.rfftfreq(s)[None, :] ** 2
-
-
-def _blur(x: np.ndarray, sigma_px) -> np.ndarray:
-    """Gaussian blur, sigma in pixels (scalar or per image), via the transfer exp(-2 pi^2 s^2 f^2)."""
+def _blur(x: np.ndarray, sigma_px, stretch: float = 1.0, theta=0.0) -> np.ndarray:
+    """Gaussian blur via the transfer exp(-2 pi^2 sigma^2 f^2); sigma in pixels, scalar or per image,
+    ``stretch`` times longer along the direction ``theta`` (anisotropic: streaks)."""
     s = x.shape[-1]
-    h = np.exp(-2 * np.pi**2 * np.asarray(sigma_px, dtype=np.float64).reshape(-1, 1, 1) ** 2 * _freqs(s))
+    fy, fx = np.fft.fftfreq(s)[:, None], np.fft.rfftfreq(s)[None, :]
+    c, sn = np.cos(np.reshape(theta, (-1, 1, 1))), np.sin(np.reshape(theta, (-1, 1, 1)))
+    f2 = (stretch * (c * fx + sn * fy)) ** 2 + (-sn * fx + c * fy) ** 2
+    h = np.exp(-2 * np.pi**2 * np.asarray(sigma_px, dtype=np.float64).reshape(-1, 1, 1) ** 2 * f2)
     return np.fft.irfft2(np.fft.rfft2(x) * h, s=(s, s))
 
 
-def _field(rng, m: int, s: int, sigma_px) -> np.ndarray:
+def _field(rng, m: int, s: int, sigma_px, stretch: float = 1.0, theta=0.0) -> np.ndarray:
     """Smooth random field with unit std per image (white noise low-passed)."""
-    f = _blur(rng.standard_normal((m, s, s)), sigma_px)
+    f = _blur(rng.standard_normal((m, s, s)), sigma_px, stretch, theta)
     return (f - f.mean((1, 2), keepdims=True)) / (f.std((1, 2), keepdims=True) + 1e-8)
 
 
@@ -196,6 +215,12 @@ def _dots(rng, m, s, density, radius_px, elong=1.0, theta=0.0) -> np.ndarray:
     k = np.exp(-0.5 * (((c * dx + sn * dy) / (r * elong)) ** 2 + ((-sn * dx + c * dy) / r) ** 2))
     imp = (rng.random((m, s, s)) < _c(np.broadcast_to(density, m))).astype(float)
     return np.clip(np.fft.irfft2(np.fft.rfft2(imp) * np.fft.rfft2(k), s=(s, s)), 0, 1)
+
+
+def _down(x: np.ndarray, f: int) -> np.ndarray:
+    """Box-average f x f pixel blocks of (n, H, W[, C]) images."""
+    n, h, w = x.shape[:3]
+    return x if f == 1 else x.reshape(n, h // f, f, w // f, f, *x.shape[3:]).mean((2, 4))
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
@@ -233,7 +258,7 @@ def _organ(k: int, u, v, mid, rng) -> np.ndarray:
     if k == 5:  # pancreas: long lobulated band with granular texture
         b = 0.15 * (1 + 0.35 * np.sin(2 * np.pi * 3 * u + _c(rng.uniform(0, 6.3, m))))
         band = _sig((1 - np.sqrt((u / 0.65) ** 2 + (v / b) ** 2)) / 0.08)
-        return band * (0.08 + 0.16 * _dots(rng, m, s, 0.05, 0.8 * px))
+        return band * (0.12 + 0.16 * _dots(rng, m, s, 0.05, 0.8 * px))
     if k in (6, 7):  # kidney: bean with bright cortex, hilum notch and spine on the midline side
         bean = np.clip(_ell(u, v, 0.3, 0.46) - _ell(u, v, 0.12, 0.16, x0=0.3 * mid), 0, 1)
         medulla = _ell(u, v, 0.19, 0.32, x0=0.04 * mid)
@@ -249,13 +274,17 @@ def _organ(k: int, u, v, mid, rng) -> np.ndarray:
     head, core = _ell(u, v, 0.32, 0.32), _ell(u, v, 0.25, 0.25)
     trab = 0.5 + 0.5 * np.sin(2 * np.pi * (3.5 * u + 2.5 * v) + _c(rng.uniform(0, 6.3, m)))
     cup = np.clip(_ell(u, v, 0.46, 0.46) - _ell(u, v, 0.38, 0.38), 0, 1) * _sig(8 * u * mid)
-    neck = _ell((u + 0.45 * mid) * 0.8 + 0.6 * (v - 0.3), -(u + 0.45 * mid) * 0.6 + 0.8 * (v - 0.3), 0.4, 0.13)
+    neck = _ell(
+        (u + 0.45 * mid) * 0.8 + 0.6 * (v - 0.3), -(u + 0.45 * mid) * 0.6 + 0.8 * (v - 0.3), 0.4, 0.13
+    )
     return 0.45 * (head - core) + core * (0.15 + 0.2 * trab) + 0.35 * cup + 0.25 * neck * (1 - head)
 
 
-def _organ_plane(items: dict, plane: str, s: int, rng) -> np.ndarray:
+def _organ_plane(items: dict, plane: str, size: int, rng) -> np.ndarray:
     """Render every item in one plane; shared item latents, fresh nuisance draws per plane."""
     labels, n = items["labels"], len(items["labels"])
+    f = -(-64 // size)  # supersample small sizes (fine textures would alias), then box-average
+    s = size * f
     xx, yy = _grid(s)
     pi = PLANES.index(plane)
     # coronal/sagittal: organs look taller (cranio-caudal extent); sagittal hides the left/right axis,
@@ -267,9 +296,9 @@ def _organ_plane(items: dict, plane: str, s: int, rng) -> np.ndarray:
         m = len(idx)
         if not m:
             continue
-        sc = items["scale"][idx] * rng.uniform(0.9, 1.1, m)
-        theta = rng.uniform(-0.3, 0.3, m)
-        cx, cy = rng.uniform(-0.15, 0.15, m), rng.uniform(-0.15, 0.15, m)
+        sc = items["scale"][idx] * rng.uniform(0.85, 1.15, m)
+        theta = rng.uniform(-0.35, 0.35, m)
+        cx, cy = rng.uniform(-0.25, 0.25, m), rng.uniform(-0.25, 0.25, m)
         u, v = _frame(xx, yy, cx, cy, theta, sc, sc * stretch)
         side = -1.0 if k in _LEFT else 1.0  # radiological view: patient's left on the image right
         mid = np.full(m, side) if plane != "sagittal" else np.full(m, -1.0)
@@ -283,16 +312,15 @@ def _organ_plane(items: dict, plane: str, s: int, rng) -> np.ndarray:
         body = _c(items["bg"][idx] + rng.uniform(-0.08, 0.08, m))
         clutter = 0.07 * _field(rng, m, s, 4 * s / 64)
         for _ in range(3):  # other structures cut by the crop
-            a = rng.uniform(0.08, 0.35, m)
-            blob = _ell(xx, yy, _c(a), _c(a * rng.uniform(0.5, 1.5, m)), 0.1,
-                        _c(rng.uniform(-1, 1, m)), _c(rng.uniform(-1, 1, m)))  # fmt: skip
-            clutter += _c(rng.uniform(-0.15, 0.15, m)) * blob
+            a, b = _c(rng.uniform(0.08, 0.35, m)), _c(rng.uniform(0.5, 1.5, m))
+            bx, by = _c(rng.uniform(-1, 1, m)), _c(rng.uniform(-1, 1, m))
+            clutter += _c(rng.uniform(-0.15, 0.15, m)) * _ell(xx, yy, a, a * b, 0.1, bx, by)
         x = body + _c(items["gain"][idx] * rng.uniform(0.7, 1.3, m)) * delta + clutter
         x = _blur(x, rng.uniform(0.3, 1.1, m) * s / 64)
-        x += _c(rng.uniform(0.01, 0.05, m)) * rng.standard_normal((m, s, s))
         lo, gain = rng.uniform(-0.15, 0.15, m), rng.uniform(0.75, 1.3, m)  # random CT window
         img[idx] = (x - _c(lo) - 0.5) * _c(gain) + 0.5
-    return _to_uint8(img)
+    img = _down(img, f)
+    return _to_uint8(img + _c(rng.uniform(0.01, 0.05, n)) * rng.standard_normal(img.shape))
 
 
 def _organ_items(n: int, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
@@ -309,12 +337,20 @@ def _organ_items(n: int, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
     n_val = max(1, round(ORGAN_FRACTIONS[1] * n_pat))
     order = rng.permutation(full)
     test_p, val_p = order[:n_test], order[n_test : n_test + n_val]
-    splits = {"test": np.flatnonzero(np.isin(patient, test_p)), "val": np.flatnonzero(np.isin(patient, val_p))}
+    splits = {
+        "test": np.flatnonzero(np.isin(patient, test_p)),
+        "val": np.flatnonzero(np.isin(patient, val_p)),
+    }
     splits["train"] = np.setdiff1d(np.arange(n), np.concatenate([splits["test"], splits["val"]]))
     body = rng.uniform(0.85, 1.15, n_pat)  # patient build and tissue level, shared by its organs
     bg = rng.uniform(0.35, 0.6, n_pat)
-    items = {"labels": labels, "patient": patient, "scale": body[patient] * rng.uniform(0.85, 1.15, n),
-             "bg": bg[patient], "gain": rng.uniform(0.7, 1.3, n)}  # fmt: skip
+    items = {
+        "labels": labels,
+        "patient": patient,
+        "scale": body[patient] * rng.uniform(0.85, 1.15, n),
+        "bg": bg[patient],
+        "gain": rng.uniform(0.7, 1.3, n),
+    }
     return items, splits
 
 
@@ -329,18 +365,21 @@ def _tissue(k: int, rng, m: int, s: int) -> tuple[np.ndarray, np.ndarray]:
     z = np.zeros((m, s, s))
     if k == 0:  # ADI: large empty polygonal fat cells with thin membranes (Voronoi edges)
         seeds = rng.uniform(-1.2, 1.2, (m, 14, 2, 1, 1))
-        d = np.sort(np.sqrt((xx[:, None] - seeds[:, :, 0]) ** 2 + (yy[:, None] - seeds[:, :, 1]) ** 2), axis=1)
+        d = np.sort(
+            np.sqrt((xx[:, None] - seeds[:, :, 0]) ** 2 + (yy[:, None] - seeds[:, :, 1]) ** 2), axis=1
+        )
         wall = np.exp(-(((d[:, 1] - d[:, 0]) * 32 / _c(px) / 1.2) ** 2))
-        return 0.2 * wall * _dots(rng, m, s, 0.01, 1.2), 0.05 + 0.55 * wall
+        return 0.2 * wall * _dots(rng, m, s, 0.01, 1.2 * px), 0.05 + 0.55 * wall
     if k == 1:  # BACK: flat, nearly empty glass, slight gradient or grey haze
         return z + 0.02, 0.04 + 0.03 * _field(rng, m, s, 12) * 0.5 + _c(rng.uniform(0, 0.12, m))
     if k == 2:  # DEB: scattered fragments of nuclei and eosin on a pale background
         frag = _sig((_field(rng, m, s, 1.5 * px) - 1.6) * 4) * (_field(rng, m, s, 6) > 0)
-        return 0.7 * _dots(rng, m, s, 0.006, 0.8 * px) + 0.4 * frag, 0.2 + 0.35 * frag * _c(rng.uniform(0.5, 1.5, m))
+        eo = 0.2 + 0.35 * frag * _c(rng.uniform(0.5, 1.5, m))
+        return 0.7 * _dots(rng, m, s, 0.006, 0.8 * px) + 0.4 * frag, eo
     if k == 3:  # LYM: dense small dark round nuclei
         return 1.3 * _dots(rng, m, s, 0.05, 1.0 * px), z + 0.15
-    if k == 4:  # MUC: pale bluish-pink wisps
-        wisp = np.exp(-((_field(rng, m, s, 4 * px) / 0.25) ** 2))
+    if k == 4:  # MUC: pale bluish-pink wisps (level lines of a streaky field)
+        wisp = np.exp(-((_field(rng, m, s, 3 * px, 3.0, theta) / 0.3) ** 2))
         return 0.08 + 0.2 * wisp, 0.08 + 0.2 * wisp
     if k == 5:  # MUS: long parallel eosinophilic fibres with elongated nuclei along them
         fib = 0.5 + 0.5 * np.sin(2 * np.pi * across / 3.0)
@@ -348,7 +387,8 @@ def _tissue(k: int, rng, m: int, s: int) -> tuple[np.ndarray, np.ndarray]:
     if k == 6:  # NORM: glands = rings of nuclei around a pale lumen, in pink stroma
         h, e = 0.6 * _dots(rng, m, s, 0.004, px), z + 0.45
         for _ in range(3):
-            gx, gy, r = _c(rng.uniform(-0.8, 0.8, m)), _c(rng.uniform(-0.8, 0.8, m)), _c(rng.uniform(0.22, 0.4, m))
+            gx, gy = _c(rng.uniform(-0.8, 0.8, m)), _c(rng.uniform(-0.8, 0.8, m))
+            r = _c(rng.uniform(0.22, 0.4, m))
             ring = _ell(xx, yy, r, r * 0.8, 0.08, gx, gy) - _ell(xx, yy, r * 0.65, r * 0.5, 0.08, gx, gy)
             lumen = _ell(xx, yy, r * 0.6, r * 0.45, 0.08, gx, gy)
             h = np.maximum(h, ring * (0.5 + 0.8 * _dots(rng, m, s, 0.08, 0.9 * px)))
@@ -360,12 +400,13 @@ def _tissue(k: int, rng, m: int, s: int) -> tuple[np.ndarray, np.ndarray]:
         return 0.7 * _dots(rng, m, s, 0.003, 0.7 * px, 3.0, theta), 0.3 + 0.3 * fib
     # TUM: crowded, large, irregular nuclei (blobs broken by noise)
     nuc = _dots(rng, m, s, 0.03, 2.0 * px)
-    nuc = _sig((nuc + 0.25 * _field(rng, m, s, 1.0) - 0.45) * 8)
+    nuc = _sig((nuc + 0.25 * _field(rng, m, s, px) - 0.45) * 8)
     return 1.1 * nuc, 0.3 + 0.1 * _field(rng, m, s, 3)
 
 
-def _crc_images(labels: np.ndarray, test: np.ndarray, s: int, rng) -> np.ndarray:
-    n = len(labels)
+def _crc_images(labels: np.ndarray, test: np.ndarray, size: int, rng) -> np.ndarray:
+    n, f = len(labels), -(-64 // size)
+    s = size * f
     h, e = np.empty((n, s, s)), np.empty((n, s, s))
     for k in range(len(CRC_LABELS)):
         idx = np.flatnonzero(labels == k)
@@ -378,11 +419,16 @@ def _crc_images(labels: np.ndarray, test: np.ndarray, s: int, rng) -> np.ndarray
     is_test = np.isin(np.arange(n), test)
     hv[is_test] += [0.08, 0.04, -0.04]
     ev[is_test] *= 0.9
-    amt = rng.uniform(0.7, 1.3, (n, 2)) * 1.6
+    # stain amount: pull each image's mean density part of the way (power ALPHA) to a random target
+    # drawn alike for all classes, so mean colour alone says little and texture has to do the work
+    target = np.exp(rng.uniform(np.log(0.5), np.log(2.0), (n, 2))) * [0.3, 0.4]
+    mean = np.stack([h.mean((1, 2)), e.mean((1, 2))], 1) + 0.02
+    amt = 1.6 * (target / mean) ** _ALPHA
     od = h[..., None] * (amt[:, 0, None, None, None] * np.abs(hv)[:, None, None, :])
     od += e[..., None] * (amt[:, 1, None, None, None] * np.abs(ev)[:, None, None, :])
     od = _blur(od.transpose(0, 3, 1, 2).reshape(n * 3, s, s), np.repeat(rng.uniform(0.2, 0.8, n), 3))
     rgb = np.exp(-od.reshape(n, 3, s, s).transpose(0, 2, 3, 1)) * _c(rng.uniform(0.85, 1.0, n))[..., None]
+    rgb = _down(rgb, f)
     rgb += rng.uniform(0.005, 0.03, (n, 1, 1, 1)) * rng.standard_normal(rgb.shape)
     return _to_uint8(rgb)
 
@@ -400,9 +446,17 @@ def _stratified(labels: np.ndarray, fractions, rng) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- entry point
-def make_synthetic(root: Path, *, organs: int = 600, crc: int = 900, size: int = 64, seed: int = 0,
-                   overwrite: bool = False, which: tuple[str, ...] = ("organs", "crc"),
-                   ids: str = "synthetic") -> list[str]:  # fmt: skip
+def make_synthetic(
+    root: Path,
+    *,
+    organs: int = 600,
+    crc: int = 900,
+    size: int = 64,
+    seed: int = 0,
+    overwrite: bool = False,
+    which: tuple[str, ...] = ("organs", "crc"),
+    ids: str = "synthetic",
+) -> list[str]:
     """Write the synthetic organ planes and/or crc under ``root``; returns the ids written.
 
     ``organs`` is the number of items per plane; ``ids="real"`` uses the real ids (``organs_axial``,
@@ -416,37 +470,49 @@ def make_synthetic(root: Path, *, organs: int = 600, crc: int = 900, size: int =
         raise UserError(f"Unknown ids style {ids!r}.", "Use 'synthetic' or 'real'.")
     if size < 16:
         raise UserError(f"Image size {size} is too small.", "Use --size 16 or more.")
+    if "crc" in which and crc < 3 * len(CRC_LABELS):  # every class in every split needs 3 per class
+        raise UserError(f"Need at least {3 * len(CRC_LABELS)} crc images, got {crc}.", "Raise --crc.")
     pre = "synthetic_" if ids == "synthetic" else ""
     plan = [f"{pre}organs_{p}" for p in PLANES] if "organs" in which else []
     plan += [f"{pre}crc"] if "crc" in which else []
     if not overwrite and (taken := [i for i in plan if (root / i).exists()]):
-        raise UserError(f"Dataset folder(s) already exist under {root}: {', '.join(taken)}.", "Pass --overwrite.")
+        raise UserError(
+            f"Dataset folder(s) already exist under {root}: {', '.join(taken)}.", "Pass --overwrite."
+        )
     about = f"generated by medssl {__version__} (synthetic generator v{GENERATOR_VERSION}, seed {seed})"
     gen = {"name": "medssl.data.synth", "version": GENERATOR_VERSION, "seed": seed, "size": size}
     written = []
     if "organs" in which:
-        items, splits = _organ_items(organs, seed)
+        items, splits = _organ_items(organs, seed)  # checks the count before anything is written
         plane_ids = plan[:3]
+        names = dict(enumerate(ORGAN_LABELS))
         for pi, plane in enumerate(PLANES):
             images = _organ_plane(items, plane, size, np.random.default_rng([seed, 2000 + pi]))
-            extra = {"name": f"Synthetic {plane.capitalize()} Organ Slices", "domain": "Synthetic abdominal CT",
-                     "description": f"Synthetic data {about}: CT-like {plane} slices of 11 organ classes, the "
-                     "same (patient, organ) items in all three planes, split by patient.",
-                     "synthetic": True, "generator": gen,
-                     "subject_overlaps": [i for i in plane_ids if i != plane_ids[pi]]}  # fmt: skip
-            task = TaskSpec("organ label", "MULTICLASS_CLASSIFICATION", dict(enumerate(ORGAN_LABELS)), items["labels"])
+            extra = {
+                "name": f"Synthetic {plane.capitalize()} Organ Slices",
+                "domain": "Synthetic abdominal CT",
+                "description": f"Synthetic data {about}: CT-like {plane} slices of 11 organ classes, the "
+                "same (patient, organ) items in all three planes, split by patient.",
+                "synthetic": True,
+                "generator": gen,
+                "subject_overlaps": [i for i in plane_ids if i != plane_ids[pi]],
+            }
+            task = TaskSpec("organ label", "MULTICLASS_CLASSIFICATION", names, items["labels"])
             write_mimeta_dataset(root, plane_ids[pi], images, [task], splits, extra, overwrite=overwrite)
             written.append(plane_ids[pi])
     if "crc" in which:
-        if crc < 3 * len(CRC_LABELS):
-            raise UserError(f"Need at least {3 * len(CRC_LABELS)} crc images, got {crc}.", "Raise --crc.")
         rng = np.random.default_rng([seed, 3000])
         labels = rng.permutation(np.arange(crc) % len(CRC_LABELS))
         splits = _stratified(labels, CRC_FRACTIONS, rng)
         images = _crc_images(labels, splits["test"], size, rng)
-        extra = {"name": "Synthetic Colorectal Cancer Histopathology", "domain": "Synthetic histopathology",
-                 "description": f"Synthetic data {about}: H&E-like patches of 9 tissue classes; the test "
-                 "split has a mild stain shift (another 'centre').", "synthetic": True, "generator": gen}  # fmt: skip
+        extra = {
+            "name": "Synthetic Colorectal Cancer Histopathology",
+            "domain": "Synthetic histopathology",
+            "description": f"Synthetic data {about}: H&E-like patches of 9 tissue classes; the test "
+            "split has a mild stain shift (another 'centre').",
+            "synthetic": True,
+            "generator": gen,
+        }
         task = TaskSpec("tissue class", "MULTICLASS_CLASSIFICATION", dict(enumerate(CRC_LABELS)), labels)
         write_mimeta_dataset(root, plan[-1], images, [task], splits, extra, overwrite=overwrite)
         written.append(plan[-1])

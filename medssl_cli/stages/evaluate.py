@@ -88,6 +88,11 @@ def evaluate(
         )
     grid, cells = resolve_target(from_run, Path(runs_root))
     recipe = _recipe(grid.recipe(), recipe_file, overrides)
+    if recipe.data != grid.recipe().data or recipe.model != grid.recipe().model:
+        raise UserError(
+            "Evaluating a finetune grid uses the grid's own data and model settings.",
+            "Drop the data/model keys from --recipe (for other data, fine-tune again).",
+        )
     split = recipe.evaluate.split
     info = grid.manifest
     root = data_root(data_dir, info.get("data", {}).get("root"))

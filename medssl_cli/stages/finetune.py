@@ -23,43 +23,27 @@ only *val* for every choice (C, early stopping); the test split is never loaded 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from .. import backbones, compute
-from ..backbones import LoadedBackbone
-from ..data.fractions import parse_fraction, stratified_subset
+from ..data.fractions import parse_fraction
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
 from ..errors import UserError
-from ..features import cached
-from ..io import write_json, write_text
-from ..metrics import compute_metrics
-from ..models import backbone_meta, save_weights
 from ..preempt import Interrupted, StopFlag
-from ..probes import LinearFit, fit_lbfgs, fit_sgd
 from ..recipe import Recipe, merge, override, read_recipe_file
 from ..runs import Run, attach_log, create_run, detach_log, resolve_run
-from . import full_ft
+from .cell import Context, run_cell
 from .grid import (
     Cell,
-    cell_path,
-    cell_status,
     open_or_create,
     plan_cells,
     recipe_diff,
     refresh_status,
-    release,
-    try_cell_lock,
     update_grid,
 )
 from .summary import write_summary
@@ -137,77 +121,6 @@ def load_split(recipe: Recipe, root: Path, split: str, datasets: list[str] | Non
 
 
 # --------------------------------------------------------------------------------------------
-# Shared state of one process working on a grid
-
-
-@dataclass
-class Context:
-    recipe: Recipe
-    grid: Run
-    parent: Run | None
-    train: Pool
-    val: Pool
-    device: torch.device
-    bf16: bool
-    channels_last: bool
-    stop: StopFlag
-    n_cells: int
-    loaded: dict[str, LoadedBackbone] = field(default_factory=dict)
-    feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    fits: dict[tuple[str, bytes], LinearFit] = field(default_factory=dict)
-    timings: dict[str, float] = field(
-        default_factory=lambda: {"extraction_s": 0.0, "linear_fit_s": 0.0, "linear_fits": 0}
-    )
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.grid.path.parent / ".cache" / "features"
-
-    def backbone(self, init: str) -> LoadedBackbone:
-        if init not in self.loaded:
-            lb = backbones.load(
-                init,
-                data_channels=self.train.channels,
-                gray_mode=self.recipe.model.gray_mode,
-                pretrain_run=self.parent,
-                seed=self.recipe.compute.seed,
-            )
-            if init == "random":  # saved, so that evaluate uses exactly these weights
-                path = self.grid.file("backbones", f"random-seed{self.recipe.compute.seed}.safetensors")
-                if not path.exists():
-                    gm = lb.info["gray_mode"]
-                    meta = {**backbone_meta(self.train.channels, gm, self.train.image_size), **lb.metadata()}
-                    save_weights(path, lb.module, meta)
-                lb.info["source"] = str(path)
-            LOG.info(f"Backbone '{init}': {lb.info.get('source')} ({lb.info.get('input')})")
-            self.loaded[init] = lb
-        return self.loaded[init]
-
-    def features(self, init: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if init not in self.feats:
-            lb = self.backbone(init)
-            out = []
-            for split, pool in (("train", self.train), ("val", self.val)):
-                fs = cached(
-                    self.cache_dir,
-                    lb,
-                    pool,
-                    device=self.device,
-                    bf16=self.bf16,
-                    channels_last=self.channels_last,
-                    batch_size=256,
-                    desc=f"{init} {split} features",
-                )
-                how = "read from the cache" if fs.hit else f"extracted in {fs.seconds:.1f} s"
-                LOG.info(f"{init} features, {split}: {len(pool)} images {how} ({fs.path.name})")
-                if not fs.hit:
-                    self.timings["extraction_s"] += fs.seconds
-                out.append(fs.features)
-            self.feats[init] = (out[0], out[1])
-        return self.feats[init]
-
-
-# --------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -237,6 +150,8 @@ def finetune(
     else:
         recipe, parent = resolve_recipe(recipe_file, overrides, from_run, runs_root)
     check_recipe(recipe)
+    if "imagenet" in recipe.finetune.inits:
+        backbones.require_imagenet()  # fail before anything is written
     cells = plan_cells(recipe.finetune)
     if cell is not None and not 0 <= cell < len(cells):
         raise UserError(
@@ -249,6 +164,8 @@ def finetune(
     compute.configure_threads(recipe.compute.threads)
     train, val = load_split(recipe, root, "train"), load_split(recipe, root, "val")
     data = {"root": str(root), "train": train.provenance(), "val": val.provenance()}
+    if "ssl" in recipe.finetune.inits and parent is not None:
+        backbones.from_pretrain_run(parent, train.channels)  # bad or mismatched weights: fail before writing
     if existing is not None:
         grid = Run(existing)
         _check_same_data(grid, data)
@@ -324,6 +241,11 @@ def _create_grid(
         diff = recipe_diff(grid.recipe(), recipe)
         if diff:
             raise UserError(f"Grid {grid_dir} exists with other settings ({', '.join(diff)} differ).")
+        theirs, ours = grid.manifest.get("parent"), str(parent.path.resolve()) if parent else None
+        if theirs != ours:
+            raise UserError(
+                f"Grid {grid_dir} was made from pretrain run {theirs}, not {ours}.", "Pass that --from."
+            )
     return grid
 
 
@@ -351,7 +273,7 @@ def _run_grid(
                     f"({recipe.finetune.head}); the backbone is frozen"
                 )
             t0 = time.perf_counter()
-            ran = [c.name for c in todo if _run_cell(ctx, c) == "ran"]
+            ran = [c.name for c in todo if run_cell(ctx, c) == "ran"]
             elapsed = time.perf_counter() - t0
     except (Interrupted, KeyboardInterrupt):
         refresh_status(grid, cells, failed="interrupted")
@@ -382,154 +304,3 @@ def _timings(t: dict[str, float], elapsed: float, ran: int) -> dict[str, Any]:
             f"{t['linear_fit_s']:.2f} s" + (f" ({share:.0%} of extraction)" if share else "")
         )
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# One cell
-
-
-def _run_cell(ctx: Context, cell: Cell) -> str:
-    path = cell_path(ctx.grid.path, cell)
-    if cell_status(path) == "finished":
-        LOG.info(f"cell {cell.index} {cell.name}: finished before, skipped")
-        return "skipped"
-    if ctx.stop:
-        raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, cell.index)
-    lock = try_cell_lock(ctx.grid.path, cell)
-    if lock is None:
-        LOG.info(f"cell {cell.index} {cell.name}: running in another process, skipped")
-        return "busy"
-    try:
-        previous = cell_status(path)
-        if previous == "finished":
-            return "skipped"
-        if path.exists():  # a killed or failed attempt: start the cell over
-            LOG.info(f"cell {cell.index} {cell.name}: previous attempt ({previous or 'incomplete'}) removed")
-            shutil.rmtree(path)
-        extra = {"kind": "cell", "grid": str(ctx.grid.path.resolve()), **dataclasses.asdict(cell)}
-        run = create_run(
-            path.parent, "finetune", ctx.recipe, name=cell.name, parent=ctx.parent, path=path, extra=extra
-        )
-        handler = attach_log(run)
-        try:
-            _cell_body(ctx, cell, run)
-        except Interrupted:
-            run.set_status("interrupted")
-            raise
-        except UserError as exc:
-            run.set_status("failed", error=exc.line())
-            raise
-        except BaseException as exc:
-            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            detach_log(handler)
-        return "ran"
-    finally:
-        release(lock)
-
-
-def _cell_body(ctx: Context, cell: Cell, run: Run) -> None:
-    t0 = time.perf_counter()
-    train, val = ctx.train, ctx.val
-    names = train.class_names
-    sub = stratified_subset(train.labels, cell.fraction, cell.seed, train.num_classes)
-    idx = sub.indices
-    if sub.floor_raised:
-        LOG.warning(
-            f"cell {cell.name}: fraction {cell.fraction:g} asks for {sub.requested} of {len(train)} images; "
-            f"the one-image-per-class floor raised it to {len(idx)}"
-        )
-    _write_subset(run, train, idx, cell)
-    subset = {
-        "n": len(idx),
-        "per_class": {names[c]: n for c, n in sub.per_class.items()},
-        "requested": sub.requested,
-        "floor_raised": sub.floor_raised,
-    }
-    run.update(
-        subset=subset, data={"root": str(train.root), "train": train.provenance(), "val": val.provenance()}
-    )
-    if cell.mode == "linear":
-        proba, info = _linear(ctx, cell, run, idx)
-    else:
-        proba, info = full_ft.train_cell(ctx, cell, run, idx)
-    y_val = val.labels
-    metrics = compute_metrics(
-        y_val, proba.argmax(1).numpy(), proba.numpy(), names, ci=ctx.recipe.evaluate.ci, seed=cell.seed
-    )
-    summary = {**cell.as_dict(), "n_train": len(idx), **info}
-    write_json(run.file("metrics.json"), {"cell": summary, "val": metrics, "leakage_override": False})
-    run.set_status("finished", time_s=time.perf_counter() - t0, val_accuracy=metrics["accuracy"], **info)
-    LOG.info(
-        f"cell {cell.index + 1}/{ctx.n_cells} {cell.name}: {len(idx)} labelled images, val accuracy "
-        f"{metrics['accuracy']:.3f}, balanced {metrics['balanced_accuracy']:.3f}"
-        + (f" (C={info['chosen']['C']:g})" if "C" in info.get("chosen", {}) else "")
-    )
-
-
-def _write_subset(run: Run, train: Pool, idx: np.ndarray, cell: Cell) -> None:
-    ids = train.dataset_ids
-    write_json(
-        run.file("subset_indices.json"),
-        {
-            "split": "train",
-            "fraction": cell.fraction,
-            "seed": cell.seed,
-            "n": len(idx),
-            "indices": idx.tolist(),  # positions in the pooled train split (datasets in the order below)
-            "dataset": [ids[i] for i in train.source_ds[idx]],
-            "row": train.source_idx[idx].tolist(),  # row in the dataset's images.hdf5
-            "label": train.labels[idx].tolist(),
-            "datasets": ids,
-        },
-    )
-
-
-def _linear(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
-    ft, train, val = ctx.recipe.finetune, ctx.train, ctx.val
-    lb = ctx.backbone(cell.init)
-    f_train, f_val = ctx.features(cell.init)
-    y_train, y_val = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
-    k = train.num_classes
-    t0 = time.perf_counter()
-    key = (cell.init, idx.tobytes())
-    if ft.head == "lbfgs":
-        # Deterministic: the same subset (e.g. fraction 1 for every seed) gives the same fit, so reuse it.
-        fit = ctx.fits.get(key) or fit_lbfgs(
-            f_train[idx], y_train[idx], f_val, y_val, k, ft.c_grid, reference=f_train
-        )
-        ctx.fits[key] = fit
-    else:
-        fit = fit_sgd(
-            f_train[idx],
-            y_train[idx],
-            f_val,
-            y_val,
-            k,
-            epochs=ft.epochs,
-            lr=ft.lr_head,
-            weight_decay=ft.weight_decay,
-            batch_size=ft.batch_size,
-            patience=ft.patience,
-            seed=cell.seed,
-            reference=f_train,
-        )
-    fit_s = time.perf_counter() - t0
-    ctx.timings["linear_fit_s"] += fit_s
-    ctx.timings["linear_fits"] += 1
-    write_text(run.file("history.jsonl"), "".join(json.dumps(h) + "\n" for h in fit.history))
-    params = FEATURE_DIM * k + k
-    meta = {
-        "kind": "linear_head",
-        "in_dim": str(FEATURE_DIM),
-        "num_classes": str(k),
-        "class_names": json.dumps(train.class_names),
-        "init": cell.init,
-        "backbone_key": lb.key,
-        "head": ft.head,
-        "chosen": json.dumps(fit.chosen),
-    }
-    save_weights(run.file("weights", "head.safetensors"), fit.state_dict(), meta)
-    info = {"head": ft.head, "chosen": fit.chosen, "params": params, "fit_s": fit_s, "backbone": lb.info}
-    return fit.proba(f_val), info

@@ -36,7 +36,7 @@ from ..recipe import ViewRecipe
 from ..runs import Run
 
 if TYPE_CHECKING:
-    from .finetune import Context
+    from .cell import Context
     from .grid import Cell
 
 FT_VIEW = ViewRecipe(
@@ -137,6 +137,9 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
                 rate=n / max(row["time_s"], 1e-9),
                 info=f"epoch {epoch} loss {train_loss:.3f} val acc {acc:.3f}",
             )
+            # Patience counts epochs without a strictly better val accuracy; the kept weights are those
+            # of the best accuracy, ties broken by the lower val loss.
+            stale = 0 if best is None or acc > best["key"][0] else stale + 1
             if best is None or (acc, -vloss) > best["key"]:
                 best = {
                     "key": (acc, -vloss),
@@ -147,11 +150,8 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
                     },
                     "head": {k2: v.detach().to("cpu", copy=True) for k2, v in head.state_dict().items()},
                 }
-                stale = 0
-            else:
-                stale += 1
             if ctx.stop:
-                raise Interrupted(str(run.path), ctx.stop.signum or 0, epoch)
+                raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, epoch)  # resume = the grid
             if stale >= ft.patience:
                 break
     assert best is not None

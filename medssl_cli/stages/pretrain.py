@@ -10,6 +10,10 @@
 
 Randomness is derived from (seed, epoch) for the sample order and (seed, step) for the views, so a run
 resumed from any checkpoint produces the same weights as one that never stopped.
+
+Several processes (torchrun, srun; ``distributed.py``): each rank takes its slice of every global batch
+(``rank_batch``), BatchNorm is synchronised and the loss's statistics are all-reduced, so N ranks with
+batch B/N compute what one process with batch B computes. Only rank 0 writes run files.
 """
 
 from __future__ import annotations
@@ -17,16 +21,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import __version__, checkpoint, compute
+from .. import __version__, checkpoint, cluster, compute, distributed
 from ..augment import make_pair, normalize
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
+from ..distributed import Dist
 from ..errors import TrainingDiverged, UserError
 from ..io import append_jsonl, read_jsonl, write_json
 from ..losses import barlow_twins_loss
@@ -35,24 +39,11 @@ from ..optim import build_optimizer, set_lr
 from ..plots import loss_curve
 from ..preempt import Interrupted, StopFlag
 from ..recipe import Recipe
-from ..runs import Run, RunLock, attach_log, create_run, detach_log
+from ..runs import Run, create_run
 
 LOG = logging.getLogger("medssl")
 NORM_MEAN = 0.5  # SSL inputs: x / 255, then (x - 0.5) / 0.5 per channel (as mimeta's default transform)
 NORM_STD = 0.5
-
-
-@dataclass
-class Dist:
-    """This process's place in a distributed job (world_size 1: a plain single-process run)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
@@ -80,6 +71,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch: a function of (seed, epoch) only, identical on every rank."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
+
+
+def rank_batch(order: torch.Tensor, s: int, batch_size: int, dist: Dist) -> torch.Tensor:
+    """This rank's share of the epoch's global batch ``s``: the ranks' slices are disjoint and, in rank
+    order, make up exactly the single-process batch ``order[s*B:(s+1)*B]``."""
+    b = batch_size // dist.world_size
+    start = s * batch_size + dist.rank * b
+    return order[start : start + b]
 
 
 def view_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
@@ -132,7 +131,7 @@ class BatchSource:
         return x
 
 
-def _load_data(recipe: Recipe, data_dir: Path | str | None) -> Pool:
+def _load_data(recipe: Recipe, data_dir: Path | str | None, dist: Dist) -> Pool:
     d = recipe.data
     pool = load_pool(
         resolve_root(data_dir),
@@ -142,7 +141,9 @@ def _load_data(recipe: Recipe, data_dir: Path | str | None) -> Pool:
         image_size=d.image_size,
         channels=d.channels,
         supervised=False,
-        ram_budget_gb=d.ram_budget_gb,
+        # Each rank on a node holds its own copy in RAM: share the budget, else stream from the memory map
+        # (the page cache is shared between the processes).
+        ram_budget_gb=d.ram_budget_gb / dist.local_world_size,
     )
     if recipe.pretrain.batch_size > len(pool):
         raise UserError(
@@ -152,6 +153,33 @@ def _load_data(recipe: Recipe, data_dir: Path | str | None) -> Pool:
     return pool
 
 
+def _checked_pool(recipe: Recipe, data_dir: Path | str | None, allow_test: bool, dist: Dist) -> Pool:
+    check_recipe(recipe, allow_test)
+    b, n = recipe.pretrain.batch_size, dist.world_size
+    if b % n:
+        raise UserError(f"--batch-size {b} (global) does not split over {n} processes.",
+                        f"Use a multiple of {n}, e.g. {max(n, b - b % n)}.")
+    compute.configure_threads(recipe.compute.threads)
+    return _load_data(recipe, data_dir, dist)
+
+
+def _open_run(kind: str, path: str | None, recipe: Recipe, pool: Pool, runs_root: Path | str,
+              name: str | None) -> str:
+    """Rank 0: create the run directory (or check a resumed run's data); returns its path."""
+    if kind == "resume":
+        if Run(Path(path or "")).manifest.get("data", {}).get("fingerprint") != pool.fingerprint():
+            raise UserError(f"The data under {pool.root} differs from what run {path} was trained on.",
+                            "Pass the original --data-dir.")
+        return str(path)
+    fixed = Path(path) if path else None
+    if fixed is not None and fixed.is_dir():
+        fixed.rmdir()  # empty (resolve_target checked it): create_run claims it afresh
+    run = create_run(fixed.parent if fixed else runs_root, "pretrain", recipe, name=name,
+                     extra={"data": pool.provenance()}, path=fixed)
+    write_json(run.file("data_seen.json"), pool.seen())
+    return str(run.path)
+
+
 def pretrain(
     recipe: Recipe,
     *,
@@ -159,70 +187,60 @@ def pretrain(
     runs_root: Path | str = "runs",
     name: str | None = None,
     resume: Path | str | None = None,
+    run_dir: Path | str | None = None,
+    requeue: bool = False,
     allow_test_split: bool = False,
     dist: Dist | None = None,
 ) -> Run:
-    """Run (or resume) Barlow Twins pretraining; returns the finished run."""
-    dist = dist or Dist()
-    if resume is not None:
-        run = Run(Path(resume))
-        if run.stage != "pretrain":
-            raise UserError(f"--resume {resume} is a {run.stage} run, not a pretrain run.")
-        if run.status == "finished":
-            raise UserError(f"Run {resume} already finished.", "Start a new run instead of --resume.")
-        recipe = run.recipe()
-        data_dir = data_dir or run.manifest.get("data", {}).get("root")
-    check_recipe(recipe, allow_test_split)
-    compute.configure_threads(recipe.compute.threads)
-    pool = _load_data(recipe, data_dir)
-    if resume is None:
-        run = create_run(runs_root, "pretrain", recipe, name=name, extra={"data": pool.provenance()}) if (
-            dist.is_main
-        ) else None
-        if run is not None:
-            write_json(run.file("data_seen.json"), pool.seen())
-    elif run.manifest.get("data", {}).get("fingerprint") != pool.fingerprint():
-        raise UserError(f"The data under {pool.root} differs from what run {resume} was trained on.",
-                        "Pass the original --data-dir.")
-    assert run is not None  # rank > 0 with a new run: issue 6 passes the shared run dir via resume
-    handler = attach_log(run, dist.rank)
-    try:
-        with RunLock(run.path), StopFlag() as stop:
-            _train(run, recipe, pool, dist, stop)
-    except Interrupted:
-        run.set_status("interrupted")
-        raise
-    except TrainingDiverged:
-        run.set_status("failed", error="loss diverged (NaN/Inf)")
-        raise
-    except UserError as exc:
-        run.set_status("failed", error=exc.line())
-        raise
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        detach_log(handler)
-    return run
+    """Run (or resume) Barlow Twins pretraining; returns the finished run.
+
+    ``run_dir``: a fixed run directory, created when absent and resumed when it holds an unfinished run
+    with the same recipe (so a requeued SLURM job's unchanged command continues). ``requeue``: after a
+    SIGUSR1/SIGTERM stop under SLURM, ``scontrol requeue`` the job. ``dist`` (default: detected from
+    torchrun/srun variables): every rank calls this; rank 0 decides and writes the run directory, the
+    others get its path; ``distributed.py`` says what happens when one rank fails, ``cluster.py`` how a
+    stop is recorded.
+    """
+    dist = dist or distributed.detect()
+    with distributed.session(dist, compute.resolve_device(recipe.compute.device)):
+        kind, path = distributed.from_main(
+            dist, lambda: cluster.resolve_target("pretrain", recipe, resume, run_dir)
+        )
+        if kind != "new":
+            prior = Run(Path(path or ""))
+            recipe = prior.recipe()
+            data_dir = data_dir or prior.manifest.get("data", {}).get("root")
+            if kind == "finished":
+                LOG.info(f"Run {prior.path} already finished; nothing to do.")
+                return prior
+        pool = distributed.check_all(dist, lambda: _checked_pool(recipe, data_dir, allow_test_split, dist))
+        path = distributed.from_main(dist, lambda: _open_run(kind, path, recipe, pool, runs_root, name))
+        run = Run(Path(path))
+        return cluster.guarded_run(run, dist, lambda stop: _train(run, recipe, pool, dist, stop), requeue)
 
 
 def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> None:
     p, c = recipe.pretrain, recipe.compute
-    device = compute.resolve_device(c.device)
+    device = distributed.rank_device(dist, compute.resolve_device(c.device))
     bf16 = compute.use_bf16(device, c.precision)
-    channels_last = compute.use_channels_last(device, c.channels_last)
-    compute.seed_everything(c.seed)
+    channels_last = compute.use_channels_last(device, c.channels_last, pool.image_size)
+    compute.seed_everything(c.seed)  # the same initial weights on every rank
     net: torch.nn.Module = build_pretrain_net(pool.channels, recipe.model.gray_mode, recipe.model.projector)
     n_backbone, n_proj = count_params(net.backbone), count_params(net.projector)
     LOG.info(
         f"ResNet-18 backbone {n_backbone / 1e6:.2f}M + projector {n_proj / 1e6:.2f}M = "
         f"{(n_backbone + n_proj) / 1e6:.2f}M trainable parameters"
     )
+    if dist.enabled:  # BN statistics over the global batch, as one process with the whole batch
+        net = distributed.sync_batchnorm(net, device)
     net = net.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = build_optimizer(net, p, p.batch_size)
+    optimizer = build_optimizer(net, p, p.batch_size)  # lr scaling by the global batch
     spe = steps_per_epoch(len(pool), p.batch_size)
     total, warmup = spe * p.epochs, round(spe * p.warmup_epochs)
-    batch_local = p.batch_size // dist.world_size
+    if warmup > total // 10:
+        # A short run with the study's 10 warmup epochs would never leave warmup: cap at a tenth.
+        LOG.info(f"Warmup capped at {total // 10} of {total} steps (recipe: {p.warmup_epochs} epochs).")
+        warmup = total // 10
     source = BatchSource(pool, device, c.device_budget_gb)
     mean, std = (NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels
     LOG.info(
@@ -232,23 +250,28 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
         f"{'bf16 autocast' if bf16 else 'fp32'}{', channels_last' if channels_last else ''}, "
         f"images {'on the device' if source.on_device else 'streamed'}"
     )
-    run.update(device=compute.describe_device(device), precision="bf16" if bf16 else "fp32",
-               channels_last=channels_last, params={"backbone": n_backbone, "projector": n_proj},
-               steps_per_epoch=spe, total_steps=total)
+    if dist.enabled:
+        LOG.info(f"Rank {dist.rank} of {dist.world_size}: {p.batch_size // dist.world_size} images per step")
+    if dist.is_main:
+        run.update(device=compute.describe_device(device), precision="bf16" if bf16 else "fp32",
+                   channels_last=channels_last, params={"backbone": n_backbone, "projector": n_proj},
+                   steps_per_epoch=spe, total_steps=total, distributed=dist.describe())
 
     step, acc = 0, _zero_acc(device)
     ckpt_dir = run.file("checkpoint")
-    latest = checkpoint.latest(ckpt_dir)
+    latest = distributed.from_main(dist, lambda: checkpoint.latest(ckpt_dir))  # one choice for all ranks
     if latest is not None:
         meta, tensors = checkpoint.load(latest, net, optimizer)
         step = meta["step"]
         acc = {k: v.to(device) for k, v in tensors.items() if k.startswith("acc_")}
         acc["time"] = meta["acc_time"]
-        compute.set_rng_state({**meta["rng"], **{k[4:]: v for k, v in tensors.items() if k.startswith("rng_")}})
-        history = read_jsonl(run.file("history.jsonl"))
+        rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng_")}
+        compute.set_rng_state({**meta["rng"], **rng})
         LOG.info(f"Resumed from {latest.name} (epoch {step // spe}, step {step % spe} of {spe})")
-        # history lines written after the checkpoint (a crash between the two) are rewritten below
-        _truncate_history(run, [h for h in history if h["epoch"] <= step // spe])
+    if dist.is_main and run.file("history.jsonl").exists():
+        # History lines written after the checkpoint (or, killed before the first one, all) are rewritten.
+        _truncate_history(run, step // spe)
+    model = distributed.wrap_ddp(net, dist, device)  # after the load: checkpoints hold the bare net
 
     sync_every = 1 if device.type == "cpu" else 25
     from ..console import progress
@@ -262,15 +285,14 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
             t0 = time.perf_counter()
             for s in range(in_epoch, spe):
                 lr = set_lr(optimizer, step, total, warmup)
-                idx = order[s * p.batch_size + dist.rank * batch_local:][:batch_local]
-                x = source(idx)
+                x = source(rank_batch(order, s, p.batch_size, dist))
                 g = view_generator(c.seed, step, dist.rank, device)
                 v1, v2 = make_pair(x, recipe.views, pool.image_size, g)
                 v1, v2 = normalize(v1, mean, std), normalize(v2, mean, std)
                 if channels_last:
                     v1 = v1.contiguous(memory_format=torch.channels_last)
                     v2 = v2.contiguous(memory_format=torch.channels_last)
-                loss, on_d, off_d = train_step(net, optimizer, v1, v2, p.lambd, bf16, dist.world_size)
+                loss, on_d, off_d = train_step(model, optimizer, v1, v2, p.lambd, bf16, dist.world_size)
                 acc["acc_loss"] += loss
                 acc["acc_on"] += on_d
                 acc["acc_off"] += off_d
@@ -287,16 +309,23 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
                     rate = (s + 1 - in_epoch) * p.batch_size / max(elapsed, 1e-9)
                     bar.update(task, completed=step * p.batch_size, rate=rate,
                                info=f"epoch {epoch + 1}/{p.epochs} loss {value:.1f}")
-                if stop:
-                    acc["time"] += time.perf_counter() - t0
-                    _save_checkpoint(run, net, optimizer, step, acc)
-                    raise Interrupted(str(run.path), stop.signum or 0, step)
+                # Every rank must stop at the same step: the ranks agree on the signal (one tiny
+                # all-reduce, at the loss-sync cadence so a GPU is not stalled every step).
+                if not dist.enabled or step % sync_every == 0 or s == spe - 1:
+                    signum = distributed.agree_signal(dist, (stop.signum or 0) if stop else 0)
+                    if signum:
+                        acc["time"] += time.perf_counter() - t0
+                        if dist.is_main:
+                            _save_checkpoint(run, net, optimizer, step, acc)
+                        raise Interrupted(str(run.path), signum, step)
             acc["time"] += time.perf_counter() - t0
-            _end_epoch(run, recipe, pool, net, epoch, step, lr, acc, device, bf16)
+            if dist.is_main:
+                _end_epoch(run, recipe, pool, net, epoch, step, lr, acc, device, bf16)
             acc = _zero_acc(device)
-            if (epoch + 1) % p.checkpoint_every == 0 and step < total:
+            if (epoch + 1) % p.checkpoint_every == 0 and step < total and dist.is_main:
                 _save_checkpoint(run, net, optimizer, step, acc)
-    _finish(run, recipe, pool, net)
+    if dist.is_main:
+        _finish(run, recipe, pool, net)
 
 
 def _zero_acc(device: torch.device) -> dict[str, Any]:
@@ -311,12 +340,15 @@ def _save_checkpoint(run: Run, net: torch.nn.Module, optimizer: torch.optim.Opti
     rng = compute.rng_state()
     tensors.update({f"rng_{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
     plain = {k: v for k, v in rng.items() if not isinstance(v, torch.Tensor)}
-    checkpoint.save(run.file("checkpoint"), step, net, optimizer, {"acc_time": acc["time"], "rng": plain}, tensors)
+    extra = {"acc_time": acc["time"], "rng": plain}
+    checkpoint.save(run.file("checkpoint"), step, net, optimizer, extra, tensors)
 
 
-def _truncate_history(run: Run, keep: list[dict[str, Any]]) -> None:
+def _truncate_history(run: Run, epochs: int) -> None:
+    """Keep the history of the first ``epochs`` epochs."""
     from ..io import write_text
 
+    keep = [h for h in read_jsonl(run.file("history.jsonl")) if h["epoch"] <= epochs]
     write_text(run.file("history.jsonl"), "".join(json.dumps(h) + "\n" for h in keep))
 
 

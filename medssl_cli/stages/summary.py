@@ -61,7 +61,7 @@ def write_summary(grid: Run, split: str) -> dict[str, Any]:
     entry = {
         "cells": cells,
         "groups": group_rows,
-        "written": _dt.datetime.now().astimezone().isoformat("seconds"),
+        "written": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     with grid_lock(grid.path):
         path = grid.file("metrics.json")

@@ -1,0 +1,399 @@
+"""Several processes, one training run: launcher detection, process group, DDP, shared decisions, requeue.
+
+Launchers (first match wins; ``MEDSSL_DIST=off`` ignores them all and runs one process):
+
+- ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+- ``srun`` (one task per GPU): SLURM_PROCID, SLURM_STEP_NUM_TASKS (else SLURM_NTASKS), SLURM_LOCALID,
+  the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST / SLURM_NODELIST as master (``node[01-03,07]``
+  -> ``node01``), MASTER_PORT if set, else 15000 + SLURM_JOB_ID mod 20000 (one job, one port).
+
+Backends: NCCL when the training device is CUDA (each rank on ``cuda:<local rank>``), gloo on CPU.
+BatchNorm layers become synchronised (global-batch statistics): ``torch.nn.SyncBatchNorm`` on CUDA,
+``GlobalBatchNorm`` (below) elsewhere, since torch's SyncBatchNorm runs on GPUs only.
+
+Errors. Setup (run directory, data, checks) runs through ``from_main`` / ``check_all``: an error on
+any rank is raised on every rank with the failing rank's message, and all exit. An error inside a
+training step (e.g. out of memory on one GPU) cannot be announced: the other ranks sit in a collective.
+There the launcher stops the job: torchrun terminates all workers when one fails, and the sbatch
+scripts run ``srun --kill-on-bad-exit=1``; the failing rank's message is on the terminal (``srun
+--label`` prefixes the rank) and in its ``log.rank<k>.txt``; rank 0 marks the run ``failed`` when it
+sees the collective break (gloo) or is killed, leaving ``running`` without a lock: resumable.
+The process-group timeout is MEDSSL_DIST_TIMEOUT minutes (default 30).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import product
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from .errors import UserError
+
+LOG = logging.getLogger("medssl")
+T = TypeVar("T")
+
+
+@dataclass
+class Dist:
+    """This process's place in a distributed job (world_size 1: a plain single-process run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    launcher: str = "none"  # none | torchrun | slurm
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    job_id: str | None = None  # SLURM_JOB_ID
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def describe(self) -> dict[str, Any]:
+        """For run.json."""
+        backend = tdist.get_backend() if self.enabled and tdist.is_initialized() else None
+        return {
+            "world_size": self.world_size,
+            "launcher": self.launcher,
+            "backend": backend,
+            "master": f"{self.master_addr}:{self.master_port}" if self.enabled else None,
+            "slurm_job_id": self.job_id,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Environment
+
+
+def expand_nodelist(text: str) -> list[str]:
+    """SLURM's compact host list -> host names: ``a[01-03,7],b2`` -> a01 a02 a03 a7 b2.
+
+    Zero padding follows the range start (``[08-10]`` -> 08 09 10); several bracket groups in one name
+    (``r[1-2]n[1-2]``) expand to their product, as ``scontrol show hostnames`` does.
+    """
+    hosts: list[str] = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text.strip()):
+        parts = re.split(r"(\[[^\]]*\])", item)
+        choices: list[list[str]] = []
+        for part in parts:
+            if part.startswith("["):
+                values: list[str] = []
+                for rng in part[1:-1].split(","):
+                    lo, _, hi = rng.partition("-")
+                    if not lo.isdigit() or (hi and not hi.isdigit()):
+                        raise ValueError(f"bad SLURM node list {text!r}")
+                    values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
+                choices.append(values)
+            else:
+                choices.append([part])
+        hosts += ["".join(p) for p in product(*choices)]
+    return hosts
+
+
+def tasks_per_node(text: str) -> list[int]:
+    """SLURM_TASKS_PER_NODE ``2(x3),1`` -> [2, 2, 2, 1]."""
+    out: list[int] = []
+    for item in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if m:
+            out += [int(m.group(1))] * int(m.group(2) or 1)
+    return out
+
+
+def slurm_port(job_id: str | None) -> int:
+    """A port every task of a job agrees on without talking: 15000 + job id mod 20000."""
+    digits = re.sub(r"\D", "", job_id or "")
+    return 15000 + int(digits or 0) % 20000
+
+
+def detect(env: Mapping[str, str] | None = None) -> Dist:
+    """Where this process stands: torchrun, srun, or alone (see the module doc)."""
+    env = os.environ if env is None else env
+    if env.get("MEDSSL_DIST", "").lower() in ("off", "0", "no"):
+        return Dist()
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return Dist(
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            launcher="torchrun",
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            job_id=env.get("SLURM_JOB_ID"),
+        )
+    if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
+        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        job = env.get("SLURM_JOB_ID")
+        if world > 1 and "SLURM_STEP_ID" not in env:
+            # The batch script itself has SLURM_PROCID=0 and SLURM_NTASKS=N but is one process.
+            raise UserError(
+                f"SLURM_NTASKS={world} but this process was not started by srun (no SLURM_STEP_ID).",
+                "Launch one task per GPU with `srun medssl pretrain ...`, or set MEDSSL_DIST=off.",
+            )
+        per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+        node = int(env.get("SLURM_NODEID", 0))
+        local_world = per_node[node] if node < len(per_node) else world
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        master = env.get("MASTER_ADDR") or (expand_nodelist(nodes)[0] if nodes else "127.0.0.1")
+        return Dist(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=local_world,
+            launcher="slurm",
+            master_addr=master,
+            master_port=int(env.get("MASTER_PORT") or slurm_port(job)),
+            job_id=job,
+        )
+    return Dist(job_id=env.get("SLURM_JOB_ID"))
+
+
+# --------------------------------------------------------------------------------------------
+# Process group
+
+
+def rank_device(d: Dist, device: torch.device) -> torch.device:
+    """Under DDP on CUDA each rank takes ``cuda:<local rank>`` (modulo the GPUs it can see: with
+    ``--gpus-per-task=1`` every task sees one GPU, cuda:0)."""
+    if d.enabled and device.type == "cuda":
+        return torch.device("cuda", d.local_rank % torch.cuda.device_count())
+    return device
+
+
+@contextlib.contextmanager
+def session(d: Dist, device: torch.device) -> Iterator[Dist]:
+    """Initialise the process group for ``d`` (NCCL on CUDA, gloo otherwise) and destroy it on exit.
+
+    No-op with one process, or when the caller already initialised torch.distributed (tests).
+    Ranks > 0 show only warnings on the terminal (their full log goes to the run's log.rank<k>.txt)
+    and no progress bar.
+    """
+    if not d.enabled or tdist.is_initialized():
+        yield d
+        return
+    device = rank_device(d, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    minutes = float(os.environ.get("MEDSSL_DIST_TIMEOUT", 30))
+    tdist.init_process_group(
+        backend,
+        init_method=f"tcp://{d.master_addr}:{d.master_port}",
+        rank=d.rank,
+        world_size=d.world_size,
+        timeout=datetime.timedelta(minutes=minutes),
+    )
+    if device.type == "cpu" and d.local_world_size > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        # N processes x all cores each would oversubscribe the node.
+        from .compute import cpu_count
+
+        torch.set_num_threads(max(1, cpu_count() // d.local_world_size))
+    if not d.is_main:
+        os.environ["MEDSSL_NO_PROGRESS"] = "1"
+        for h in LOG.handlers:
+            if not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.WARNING)
+    try:
+        yield d
+    finally:
+        tdist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        tdist.barrier()
+
+
+def _collective_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if tdist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def agree_signal(d: Dist, signum: int) -> int:
+    """The largest pending stop signal over all ranks (0: none), so every rank stops at the same step."""
+    if not d.enabled:
+        return signum
+    t = torch.tensor([signum], dtype=torch.int64, device=_collective_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _failure(exc: BaseException) -> tuple[str, str | None, bool]:
+    if isinstance(exc, UserError):
+        return exc.message, exc.hint, True
+    return f"{type(exc).__name__}: {exc}", None, False
+
+
+def _reraise_peer(rank: int, failure: tuple[str, str | None, bool]) -> None:
+    message, hint, _ = failure
+    raise UserError(f"rank {rank}: {message}", hint)
+
+
+def from_main(d: Dist, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 and its (picklable) result on every rank. If it raised on rank 0, rank 0
+    re-raises it and every other rank raises a UserError with the same message."""
+    if not d.enabled:
+        return fn()
+    payload: list[Any] = [None]
+    error: BaseException | None = None
+    if d.is_main:
+        try:
+            payload = [("ok", fn())]
+        except Exception as exc:
+            error, payload = exc, [("error", _failure(exc))]
+    tdist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    kind, value = payload[0]
+    if kind == "error":
+        _reraise_peer(0, value)
+    return value
+
+
+def check_all(d: Dist, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank; if it raised anywhere, every rank raises (its own error, or the first
+    failing rank's message as a UserError)."""
+    error: BaseException | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = exc
+    if d.enabled:
+        failures: list[Any] = [None] * d.world_size
+        tdist.all_gather_object(failures, _failure(error) if error is not None else None)
+        if error is None:
+            for rank, failure in enumerate(failures):
+                if failure is not None:
+                    _reraise_peer(rank, failure)
+    if error is not None:
+        raise error
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward pass sums the ranks' gradients (d/dx_r of sum_r' f_r'(sum x))."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        tdist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        g = grad.clone()
+        tdist.all_reduce(g)
+        return g
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over all ranks (identity with one process)."""
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return x
+    return _AllReduceSum.apply(x)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of all ranks, on any device (torch's SyncBatchNorm: GPU only).
+
+    Training mode: mean = sum_r sum(x_r) / n, var = sum_r sum((x_r - mean)^2) / n (biased; n = global
+    count), y = (x - mean) / sqrt(var + eps) * weight + bias; two differentiable all-reduces, so the
+    backward pass also sums over ranks. Running statistics as nn.BatchNorm (unbiased variance,
+    ``momentum``), identical on every rank. Same parameters and buffers as the layer it replaces, so
+    checkpoints and weight files do not change. Eval mode, or one process: plain batch norm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        ws = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+        if not self.training or ws == 1:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        local = torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() / xf.shape[1]])])
+        total = all_reduce_sum(local)
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = xf - mean.view(shape)
+        var = all_reduce_sum(centred.pow(2).sum(dims)) / n
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        return y.to(x.dtype)
+
+
+def _convert_bn(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        new = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias  # the same Parameter objects
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _convert_bn(child))
+    return module
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm layer synchronised over the ranks (backbone and projector, as the official
+    Barlow Twins code): torch's SyncBatchNorm on CUDA, ``GlobalBatchNorm`` otherwise (or everywhere
+    with MEDSSL_SYNCBN=global)."""
+    if device.type == "cuda" and os.environ.get("MEDSSL_SYNCBN", "torch") != "global":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_bn(module)
+
+
+def wrap_ddp(net: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """DDP around ``net`` (gradients averaged over ranks); ``net`` itself with one process.
+
+    Buffers are not broadcast each forward: synchronised BN keeps the running statistics identical.
+    """
+    if not d.enabled:
+        return net
+    ids = [device.index] if device.type == "cuda" else None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # broadcast_buffers: renamed in newer torch
+        return nn.parallel.DistributedDataParallel(net, device_ids=ids, broadcast_buffers=False)

@@ -1,0 +1,49 @@
+"""`medssl demo` runs every stage through the same functions as the individual commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY = """
+data:
+  datasets: [synthetic_organs_axial, synthetic_organs_coronal, synthetic_organs_sagittal]
+  image_size: 32
+model:
+  projector: [64, 64]
+pretrain: {epochs: 2, batch_size: 32, lr: 0.001, warmup_epochs: 0, checkpoint_every: 1}
+finetune: {inits: [ssl, random], modes: [linear], fractions: [0.1, 1.0], seeds: [0, 1]}
+tsne: {max_samples: 60, perplexity: 10}
+compute: {precision: fp32}
+"""
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medssl_cli.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["demo", "--data-dir", str(data), "--runs-root", str(tmp_path / "runs"), "--recipe", str(recipe)]
+        )
+    out = capsys.readouterr()
+    assert exc.value.code == 0, out.err
+    stages = {
+        json.loads((d / "run.json").read_text())["stage"]
+        for d in (tmp_path / "runs").iterdir()
+        if (d / "run.json").is_file()
+    }
+    assert {"pretrain", "finetune", "tsne", "report"} <= stages
+    (report_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("report-")]
+    md = (report_dir / "report.md").read_text()
+    assert "SYNTHETIC" in md.upper() and "ssl" in md and "random" in md
+    html = (report_dir / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert str(report_dir / "report.html") in out.err.replace("\n", "")

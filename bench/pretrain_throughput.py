@@ -362,6 +362,7 @@ def measure_config(args: argparse.Namespace, device: torch.device, size: int, ba
         "b_over_a_target": target_ba,
         "b_over_a_met": b_over_a >= target_ba,
         "views_share_of_step": median_ratio(times["V"], times["A"]),
+        "b_over_a_from_views": 1 / (1 + median_ratio(times["V"], times["A"])),  # steadier: V runs many reps
         "flops_per_sample": flops,
         "achieved_gflops": ach,
         "pipeline_gflops": flops * batch / b / 1e9,
@@ -373,6 +374,7 @@ def measure_config(args: argparse.Namespace, device: torch.device, size: int, ba
         "efficiency_met": None if target_eff is None else eff >= target_eff,
         "peak_rss_gb": peak_rss_gb(),
     }
+    out["raw_s"] = times  # per-round seconds per call, to judge the noise
     if mem:
         out["cuda_peak_mem_gb"] = {k: v / 2**30 for k, v in mem.items()}
     if args.variants:
@@ -488,6 +490,7 @@ def measure_chunked(args: argparse.Namespace, device: torch.device) -> dict[str,
                 [flops * batch / x / mm_flops for x in times[name]], [1 / m for m in times["M"]]
             ),
         }
+    res["raw_s"] = times
     mem = getattr(interleave, "peak_mem", {})
     if mem:
         res["cuda_peak_mem_gb"] = {k: v / 2**30 for k, v in mem.items()}

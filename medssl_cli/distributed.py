@@ -1,4 +1,6 @@
-"""Several processes, one training run: launcher detection, process group, DDP, shared decisions, requeue.
+"""Several processes, one training run: launcher detection, process group, DDP, shared decisions.
+
+Stops, requeueing and the fixed run directory a requeued job returns to: ``cluster.py``.
 
 Launchers (first match wins; ``MEDSSL_DIST=off`` ignores them all and runs one process):
 
@@ -17,8 +19,8 @@ training step (e.g. out of memory on one GPU) cannot be announced: the other ran
 There the launcher stops the job: torchrun terminates all workers when one fails, and the sbatch
 scripts run ``srun --kill-on-bad-exit=1``; the failing rank's message is on the terminal (``srun
 --label`` prefixes the rank) and in its ``log.rank<k>.txt``; rank 0 marks the run ``failed`` when it
-sees the collective break (gloo) or is killed, leaving ``running`` without a lock: resumable.
-The process-group timeout is MEDSSL_DIST_TIMEOUT minutes (default 30).
+sees the collective break (gloo), or is killed and leaves ``running`` without a lock: resumable
+either way. The process-group timeout is MEDSSL_DIST_TIMEOUT minutes (default 30).
 """
 
 from __future__ import annotations
@@ -193,9 +195,10 @@ def session(d: Dist, device: torch.device) -> Iterator[Dist]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     minutes = float(os.environ.get("MEDSSL_DIST_TIMEOUT", 30))
+    # torchrun's agent already serves a store on MASTER_PORT: env:// joins it; under srun rank 0 hosts it.
     tdist.init_process_group(
         backend,
-        init_method=f"tcp://{d.master_addr}:{d.master_port}",
+        init_method="env://" if d.launcher == "torchrun" else f"tcp://{d.master_addr}:{d.master_port}",
         rank=d.rank,
         world_size=d.world_size,
         timeout=datetime.timedelta(minutes=minutes),

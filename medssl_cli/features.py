@@ -131,6 +131,9 @@ def cached(
     with open(cache_dir / f"{key}.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # waits while another process extracts this split
         try:
+            # Only the lock holder writes this key: a temporary of it is an orphan of a killed process.
+            for stale in cache_dir.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
             feats = _read(path, len(pool))
             if feats is not None:
                 return FeatureSet(feats, path, True, time.perf_counter() - t0)

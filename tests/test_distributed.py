@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,12 +16,12 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from medssl_cli import cluster, distributed
+from medssl_cli import checkpoint, cluster, distributed
 from medssl_cli.distributed import Dist, detect, expand_nodelist, tasks_per_node
 from medssl_cli.errors import UserError
 from medssl_cli.models import build_pretrain_net
 from medssl_cli.recipe import Recipe, override
-from medssl_cli.runs import create_run
+from medssl_cli.runs import Run, create_run
 from medssl_cli.stages import pretrain as stage
 
 LAMBD = 0.0051
@@ -277,3 +279,97 @@ def test_requeue_calls_scontrol_only_when_it_should(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert cluster.requeue(job, signal.SIGUSR1) == "not requeued (no scontrol)"
     assert cluster.exit_code(signal.SIGUSR1) == 138 and cluster.exit_code(signal.SIGTERM) == 143
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: torchrun, 2 CPU processes
+
+
+def _child_with_rank(parent: int, rank: int) -> int | None:
+    """The pid of ``parent``'s child process whose environment has RANK=<rank> (a torchrun worker)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"PPid:\t{parent}\n" not in status.read_text():
+                continue
+            env = (status.parent / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(status.parent.name)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+def test_torchrun_two_ranks_stop_on_one_rank_and_resume_exactly(synth_root: Path, tmp_path: Path) -> None:
+    """SIGUSR1 reaches rank 1 only: both ranks stop at the same step, rank 0 checkpoints; the same
+    torchrun command resumes and ends with the weights of an uninterrupted 2-process run."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "data: {datasets: [synthetic_organs_axial, synthetic_organs_coronal, synthetic_organs_sagittal], "
+        "image_size: 32}\nmodel: {projector: [64, 64]}\n"
+        "pretrain: {epochs: 3, batch_size: 32, lr: 0.001, warmup_epochs: 1, checkpoint_every: 1}\n"
+        "compute: {precision: fp32, threads: 1, device: cpu}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MEDSSL_NO_PROGRESS": "1",
+           "OMP_NUM_THREADS": "1", "MEDSSL_DIST_TIMEOUT": "5"}  # fmt: skip
+
+    def torchrun(run_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                "medssl_cli.cli", "pretrain", "--recipe", str(recipe), "--run-dir", str(run_dir),
+                "--data-dir", str(synth_root)]  # fmt: skip
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(
+        torchrun(stopped), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not ((stopped / "history.jsonl").is_file() and (stopped / "history.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+    pid = _child_with_rank(proc.pid, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, output
+    info = Run(stopped).manifest
+    assert info["status"] == "interrupted" and info["stop_signal"] == "SIGUSR1", output[-3000:]
+    assert info["distributed"]["world_size"] == 2 and info["distributed"]["backend"] == "gloo"
+    latest = checkpoint.latest(stopped / "checkpoint")
+    assert latest is not None and json.loads(latest.read_text())["step"] == info["stop_step"]
+    assert (stopped / "log.rank1.txt").is_file()
+
+    for run_dir in (stopped, tmp_path / "straight"):
+        out = subprocess.run(torchrun(run_dir), env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        assert Run(run_dir).status == "finished"
+    a = load_file(str(stopped / "weights" / "backbone.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "weights" / "backbone.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "Resumed from step-" in (stopped / "log.rank1.txt").read_text()
+
+
+def test_guarded_run_records_stop_failure_and_refuses_a_live_run(tmp_path: Path) -> None:
+    from medssl_cli.preempt import Interrupted
+    from medssl_cli.runs import RunLock
+
+    run = create_run(tmp_path, "pretrain", _recipe(), path=tmp_path / "r")
+    with RunLock(run.path), pytest.raises(UserError, match="in use by another process"):
+        cluster.guarded_run(run, Dist(), lambda stop: None)
+    assert run.status == "running"  # the live run is not marked failed
+
+    def stop_at_step_5(stop: object) -> None:
+        raise Interrupted(str(run.path), signal.SIGTERM, 5)
+
+    with pytest.raises(Interrupted):
+        cluster.guarded_run(run, Dist(), stop_at_step_5, requeue_job=True)
+    info = run.manifest
+    assert (info["status"], info["stop_signal"], info["stop_step"]) == ("interrupted", "SIGTERM", 5)
+    assert info["requeue"] == "not requeued (not a SLURM job)"
+
+    def crash(stop: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError):
+        cluster.guarded_run(run, Dist(), crash)
+    assert run.status == "failed" and run.manifest["error"] == "RuntimeError: CUDA out of memory"

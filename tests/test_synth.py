@@ -113,6 +113,9 @@ def test_organ_split_by_patient_and_fractions():
         assert set(items["labels"][idx].tolist()) == set(range(11))
     frac = [len(splits[s]) / 600 for s in synth.SPLITS]
     assert abs(frac[0] - 0.53) < 0.06 and abs(frac[1] - 0.09) < 0.04 and abs(frac[2] - 0.38) < 0.06
+    for n in range(33, 80):  # smallest sets: every class still in every split
+        items, splits = synth._organ_items(n, seed=n)
+        assert all(set(items["labels"][idx].tolist()) == set(range(11)) for idx in splits.values()), n
     labels = np.arange(900) % 9
     crc = synth._stratified(labels, synth.CRC_FRACTIONS, np.random.default_rng(0))
     assert [len(crc[s]) for s in synth.SPLITS] == [639, 126, 135]
@@ -196,7 +199,8 @@ def test_writer_rejects_bad_input(tmp_path):
 
 def test_organs_learnable_but_not_trivial():
     """Logistic regression on raw pixels is clearly above chance (1/11) and far from perfect; mean
-    intensity alone is near chance. Measured at 32 px, 231 items: ~0.5 and ~0.12 (600 items: ~0.55)."""
+    intensity alone is near chance. Measured at 32 px, 231 items: 0.51 and 0.13 (600 items: 0.56
+    and 0.12, while a small supervised CNN reaches ~0.9: the structure is learnable)."""
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 

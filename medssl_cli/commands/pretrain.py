@@ -59,8 +59,6 @@ def pretrain(
     data_dir: Path = common.DATA_DIR,
 ) -> None:
     """Barlow Twins pretraining of a ResNet-18 on the official train split(s)."""
-    from ..cluster import exit_code
-    from ..preempt import Interrupted
     from ..stages.pretrain import pretrain as run_pretrain
 
     rec = common.build_recipe(
@@ -82,18 +80,14 @@ def pretrain(
             "compute.precision": precision,
         },
     )
-    try:
-        run = run_pretrain(
-            rec,
-            data_dir=data_dir,
-            runs_root=common.runs_root(runs_root),
-            name=name,
-            resume=resume,
-            run_dir=run_dir,
-            requeue=requeue,
-        )
-    except Interrupted as exc:
-        console.print(f"[yellow]{exc}[/yellow]", soft_wrap=True)
-        # SystemExit, not typer.Exit: click (standalone_mode=False) turns Exit into a return value.
-        raise SystemExit(exit_code(exc.signum)) from None
+    # A graceful stop raises Interrupted; cli.main prints it and exits with 128 + the signal number.
+    run = run_pretrain(
+        rec,
+        data_dir=data_dir,
+        runs_root=common.runs_root(runs_root),
+        name=name,
+        resume=resume,
+        run_dir=run_dir,
+        requeue=requeue,
+    )
     console.print(f"Pretrain run: {run.path}", soft_wrap=True)

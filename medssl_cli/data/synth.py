@@ -45,6 +45,7 @@ ORGAN_FRACTIONS = (0.53, 0.09, 0.38)
 CRC_FRACTIONS = (0.71, 0.14, 0.15)
 _LEFT, _RIGHT = {1, 6, 9}, {2, 7, 10}  # organ classes with a side
 _ALPHA = 0.8
+_MIX = 0.5
 
 
 @dataclass
@@ -288,7 +289,7 @@ def _organ_plane(items: dict, plane: str, size: int, rng) -> np.ndarray:
     xx, yy = _grid(s)
     pi = PLANES.index(plane)
     # coronal/sagittal: organs look taller (cranio-caudal extent); sagittal hides the left/right axis,
-    # so there the side is a weaker cue: a context marker (ring vs filled blob) shown 70% of the time
+    # so there the side is a weaker cue: a context marker (ring vs filled blob) shown 80% of the time
     stretch = (1.0, 1.3, 1.25)[pi]
     img = np.empty((n, s, s))
     for k in range(len(ORGAN_LABELS)):
@@ -304,10 +305,10 @@ def _organ_plane(items: dict, plane: str, size: int, rng) -> np.ndarray:
         mid = np.full(m, side) if plane != "sagittal" else np.full(m, -1.0)
         delta = _organ(k, u, v, _c(mid), rng)
         if plane == "sagittal" and (k in _LEFT or k in _RIGHT):
-            shown = _c(rng.random(m) < 0.7)
-            mark = _ell(u, v, 0.2, 0.2, x0=0.75, y0=-0.75)
+            shown = _c(rng.random(m) < 0.8)
+            mark = _ell(u, v, 0.24, 0.24, x0=0.7, y0=-0.7)
             if k in _LEFT:
-                mark = mark - _ell(u, v, 0.12, 0.12, x0=0.75, y0=-0.75)
+                mark = mark - _ell(u, v, 0.14, 0.14, x0=0.7, y0=-0.7)
             delta = delta + 0.25 * shown * mark
         body = _c(items["bg"][idx] + rng.uniform(-0.08, 0.08, m))
         clutter = 0.07 * _field(rng, m, s, 4 * s / 64)
@@ -333,8 +334,8 @@ def _organ_items(n: int, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
     labels = np.concatenate([rng.permutation(k) for _ in range(n_pat)])[:n]
     patient = np.arange(n) // k
     full = np.arange(n // k)  # patients with every organ: each split gets >= 1 of them
-    n_test = max(1, round(ORGAN_FRACTIONS[2] * n_pat))
-    n_val = max(1, round(ORGAN_FRACTIONS[1] * n_pat))
+    n_test = max(1, min(round(ORGAN_FRACTIONS[2] * n_pat), len(full) - 2))
+    n_val = max(1, min(round(ORGAN_FRACTIONS[1] * n_pat), len(full) - 1 - n_test))
     order = rng.permutation(full)
     test_p, val_p = order[:n_test], order[n_test : n_test + n_val]
     splits = {
@@ -404,14 +405,29 @@ def _tissue(k: int, rng, m: int, s: int) -> tuple[np.ndarray, np.ndarray]:
     return 1.1 * nuc, 0.3 + 0.1 * _field(rng, m, s, 3)
 
 
-def _crc_images(labels: np.ndarray, test: np.ndarray, size: int, rng) -> np.ndarray:
-    n, f = len(labels), -(-64 // size)
-    s = size * f
-    h, e = np.empty((n, s, s)), np.empty((n, s, s))
+def _tissues(labels: np.ndarray, rng, s: int) -> tuple[np.ndarray, np.ndarray]:
+    h, e = np.empty((len(labels), s, s)), np.empty((len(labels), s, s))
     for k in range(len(CRC_LABELS)):
         idx = np.flatnonzero(labels == k)
         if len(idx):
             h[idx], e[idx] = _tissue(k, rng, len(idx), s)
+    return h, e
+
+
+def _crc_images(labels: np.ndarray, test: np.ndarray, size: int, rng) -> np.ndarray:
+    n, f = len(labels), -(-64 // size)
+    s = size * f
+    h, e = _tissues(labels, rng, s)
+    # real patches often hold some other tissue: in _MIX of them a blob of another class covers
+    # 10-40% of the patch (the label stays the majority tissue)
+    mixed = np.flatnonzero(rng.random(n) < _MIX)
+    other = (labels[mixed] + rng.integers(1, len(CRC_LABELS), len(mixed))) % len(CRC_LABELS)
+    h2, e2 = _tissues(other, rng, s)
+    field = _field(rng, len(mixed), s, 6 * s / 64)
+    rank = ((1 - rng.uniform(0.1, 0.4, len(mixed))) * (s * s - 1)).astype(int)
+    cut = np.sort(field.reshape(len(mixed), -1), axis=1)[np.arange(len(mixed)), rank]
+    mask = _sig((field - _c(cut)) * 6)
+    h[mixed], e[mixed] = h[mixed] * (1 - mask) + h2 * mask, e[mixed] * (1 - mask) + e2 * mask
     # stain vectors (optical density per unit stain in R, G, B), jittered per image; the test split
     # comes from another "centre" (like CRC-VAL-HE-7K): a mild shift towards haematoxylin/purple
     hv = np.array([0.65, 0.70, 0.29]) + rng.normal(0, 0.07, (n, 3))

@@ -1,8 +1,10 @@
 """Full fine-tuning of one grid cell: backbone + linear head trained end to end on the label subset.
 
 - Train-time augmentation: ``augment.make_view`` with ``FT_VIEW``: RandomResizedCrop with a mild
-  scale (0.5-1, ratio 3/4-4/3) and horizontal flip (p = 0.5); no colour jitter, grayscale, blur or
-  solarisation (those belong to the self-supervised views, not to label-efficient supervised training).
+  scale (0.5-1, ratio 3/4-4/3) and horizontal flip with the recipe's ``views.view1.flip_p`` (0.5 by
+  default; 0 for organ slices, where left and right are different classes); no colour jitter,
+  grayscale, blur or solarisation (those belong to the self-supervised views, not to label-efficient
+  supervised training).
 - AdamW with two learning rates: ``finetune.lr_backbone`` for the backbone, ``finetune.lr_head`` for
   the head; ``finetune.weight_decay``; mini-batches of ``finetune.batch_size`` (at most the subset size).
   BatchNorm layers train (their statistics adapt to the new data).
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -61,6 +64,7 @@ def _batches(order: torch.Tensor, bs: int) -> list[torch.Tensor]:
 def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
     """Fine-tune a copy of the cell's initial backbone; returns (best-epoch val probabilities, info)."""
     ft, device, train, val = ctx.recipe.finetune, ctx.device, ctx.train, ctx.val
+    ft_view = dataclasses.replace(FT_VIEW, flip_p=ctx.recipe.views.view1.flip_p)
     lb = ctx.backbone(cell.init)
     size, k, n = train.image_size, train.num_classes, len(idx)
     compute.seed_everything(cell.seed)
@@ -95,7 +99,7 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
             head.train()
             total = torch.zeros((), device=device)
             for b in _batches(torch.randperm(n, generator=g_order), bs):
-                x = lb.prepare(make_view(source(b), FT_VIEW, size, g_view)).contiguous(memory_format=fmt)
+                x = lb.prepare(make_view(source(b), ft_view, size, g_view)).contiguous(memory_format=fmt)
                 with compute.autocast(device, ctx.bf16):
                     logits = head(backbone(x))
                 loss = F.cross_entropy(logits.float(), y_all[b.to(device)])
@@ -181,6 +185,6 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
         "backbone": lb.info,
         "lr_backbone": ft.lr_backbone,
         "lr_head": ft.lr_head,
-        "augmentation": "random resized crop (scale 0.5-1) + horizontal flip",
+        "augmentation": f"random resized crop (scale 0.5-1) + horizontal flip p={ft_view.flip_p}",
     }
     return best["proba"], info

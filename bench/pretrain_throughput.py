@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     main_cols = "device px=image_size batch dtype memory_format A_samples/s=model_step.samples_per_s "
     main_cols += "B_samples/s=pipeline.samples_per_s B/A=b_over_a views_samples/s=views.samples_per_s "
     main_cols += "GFLOP/s=achieved_gflops matmul_peak=matmul_peak_gflops efficiency"
-    tables = [("Pretraining (A: model step, B: full pipeline; 1 sample = 2 views)", main_cols, results)]
+    title = "Pretraining (A: model step, B: full pipeline; 1 sample = 2 views)"
+    tables = [(title, main_cols, results)] if results else []
     variants = [{**v, "device": r["device"], "px": r["image_size"], "batch": r["batch"]}
                 for r in results for v in r.get("variants", [])]  # fmt: skip
     if variants:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .augment import normalize
 from .errors import UserError
-from .models import build_backbone, imagenet_cache_path, load_backbone, load_imagenet_backbone, load_weights
+from .models import build_backbone, load_backbone, load_imagenet_backbone, load_weights
 from .runs import Run
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -190,6 +190,6 @@ def load(
 
 
 def require_imagenet() -> None:
-    """Raise models' offline UserError (which names the expected cache file) if the weights are absent."""
-    if not imagenet_cache_path().is_file():
-        load_imagenet_backbone(3, "replicate")  # raises the UserError with the path and how to get the file
+    """Check the cached ImageNet weights before anything is written: present (else the offline UserError
+    naming the cache file), intact (sha256), tensors only (``weights_only``) and fitting ResNet-18."""
+    load_imagenet_backbone(3, "replicate")

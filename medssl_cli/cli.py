@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
     try:
-        app(args=argv, standalone_mode=False, prog_name="medssl")
+        code = app(args=argv, standalone_mode=False, prog_name="medssl")
     except UserError as exc:
         console.print(f"[red]error:[/red] {exc.line()}", soft_wrap=True)
         sys.exit(exc.exit_code)
@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         console.print("aborted")
         sys.exit(130)
+    except KeyboardInterrupt:  # outside a training loop, or a second Ctrl-C: stop at once, no traceback
+        console.print("Stopped (Ctrl-C). A run keeps its last committed checkpoint: continue with --resume.")
+        sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)  # standalone_mode=False returns typer.Exit codes
 
 
 if __name__ == "__main__":

@@ -16,16 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import all_reduce_sum
+
 BN_EPS = 1e-5  # as nn.BatchNorm1d
 
 
 def _all_reduce_sum(x: Tensor, world_size: int) -> Tensor:
     """Sum over ranks, differentiable (the backward pass sums the ranks' gradients as well)."""
-    if world_size == 1:
-        return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=dist.ReduceOp.SUM)
+    return x if world_size == 1 else all_reduce_sum(x)
 
 
 def batch_standardize(z: Tensor, world_size: int = 1, eps: float = BN_EPS) -> Tensor:

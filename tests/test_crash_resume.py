@@ -310,3 +310,33 @@ def test_live_run_lock_refuses_a_second_resume_and_sigterm_interrupts(
     latest = checkpoint.latest(run / "checkpoint")
     assert latest is not None and read_json(latest)["step"] == info["stop_step"]
     assert "Resume: --resume" in log.read_text()
+
+
+def test_ctrl_c_stops_a_grid_between_cells_and_resume_finishes_it(
+    synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medssl_cli.preempt import StopFlag
+
+    calls = {"n": 0}
+
+    def second_check_sees_ctrl_c(self: StopFlag) -> bool:
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            self.signum = signal.SIGINT
+        return self.signum is not None
+
+    grid = tmp_path / "grid"
+    argv = ["finetune", "--init", "random", "--datasets", AXIAL, "--image-size", "32", "--device", "cpu",
+            "--fraction", "0.5,1", "--data-dir", str(synth_root), "--grid-dir", str(grid)]  # fmt: skip
+    monkeypatch.setattr(StopFlag, "__bool__", second_check_sees_ctrl_c)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    monkeypatch.undo()
+    out = capsys.readouterr()
+    assert exc.value.code == 130 and "Traceback" not in out.err
+    assert f"Resume: --resume {grid}" in " ".join(out.err.split())
+    info = read_json(grid / "run.json")
+    assert info["status"] == "interrupted" and info["cells_finished"] == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", "--resume", str(grid)])
+    assert exc.value.code == 0 and read_json(grid / "run.json")["status"] == "finished"

@@ -18,6 +18,7 @@ under the runs root) and never writes into it. Every file goes through ``medssl_
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import fcntl
@@ -27,6 +28,8 @@ import re
 import shutil
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -139,7 +142,7 @@ def create_run(
     root = Path(runs_root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
+        probe = root / f".write-test-{os.getpid()}-{threading.get_ident()}"
         probe.touch()
         probe.unlink()
     except OSError as exc:
@@ -301,3 +304,25 @@ def attach_log(run: Run, rank: int = 0) -> logging.Handler:
 def detach_log(handler: logging.Handler) -> None:
     LOG.removeHandler(handler)
     handler.close()
+
+
+@contextlib.contextmanager
+def recording(run: Run, rank: int = 0) -> Iterator[Run]:
+    """Log into the run's file while the block runs; an exception marks the run on its way out:
+    ``interrupted`` for a graceful stop, ``failed`` (with the error line) for anything else."""
+    from .preempt import Interrupted
+
+    handler = attach_log(run, rank)
+    try:
+        yield run
+    except Interrupted:
+        run.set_status("interrupted")
+        raise
+    except UserError as exc:
+        run.set_status("failed", error=exc.line())
+        raise
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        detach_log(handler)

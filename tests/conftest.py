@@ -81,3 +81,14 @@ def make_fake_pretrain(synth_root: Path):
         return run
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():  # noqa: ANN201 - generator fixture
+    """One torch thread for a module: on a busy 2-core machine two threads contend and run 10-30x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,7 +21,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from medssl_cli import io as mio
 from medssl_cli.cli import main
@@ -33,13 +32,7 @@ AXIAL = "synthetic_organs_axial"
 TMP_NAME = re.compile(r"\.tmp($|-)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a busy 2-core machine two threads contend and run much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,7 @@ AXIAL = "synthetic_organs_axial"
 FAST = {"finetune.c_grid": [0.1, 1.0], "compute.device": "cpu", "compute.threads": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a busy 2-core machine two threads contend and run 10-30x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sha(path: Path) -> str:

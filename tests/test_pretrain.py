@@ -133,9 +133,25 @@ def test_real_ids_with_aliases_start(real_ids_root: Path, tmp_path: Path) -> Non
     from medssl_cli.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["pretrain", "--datasets", "axial,coronal,sagittal", "--epochs", "1", "--batch-size", "32",
-              "--image-size", "32", "--data-dir", str(real_ids_root), "--runs-root", str(tmp_path),
-              "--precision", "fp32"])
+        main(
+            [
+                "pretrain",
+                "--datasets",
+                "axial,coronal,sagittal",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--image-size",
+                "32",
+                "--data-dir",
+                str(real_ids_root),
+                "--runs-root",
+                str(tmp_path),
+                "--precision",
+                "fp32",
+            ]
+        )
     assert exc.value.code == 0
     (run_dir,) = tmp_path.iterdir()
     assert Run(run_dir).manifest["data"]["datasets"] == ["organs_axial", "organs_coronal", "organs_sagittal"]

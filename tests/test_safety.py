@@ -33,12 +33,7 @@ PACKAGE = REPO / "medssl_cli"
 AXIAL = "synthetic_organs_axial"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Evil:

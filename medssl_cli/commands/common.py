@@ -31,18 +31,6 @@ def csv(text: str | None) -> list[str] | None:
     return items
 
 
-def int_list(text: str | None, option: str) -> list[int] | None:
-    items = csv(text)
-    if items is None:
-        return None
-    try:
-        return [int(t) for t in items]
-    except ValueError:
-        raise UserError(
-            f"{option} '{text}' must be comma-separated integers.", f"Example: {option} 0,1,2"
-        ) from None
-
-
 def runs_root(value: Path | None) -> Path:
     from ..runs import default_runs_root
 

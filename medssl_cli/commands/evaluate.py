@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..console import console
-from .finetune import split_list
+from .common import csv
 
 
 def evaluate(
@@ -55,7 +55,7 @@ def evaluate(
         "evaluate.allow_leakage": True if allow_leakage else None,
         "evaluate.ci": ci,
         "evaluate.knn_k": k,
-        "data.datasets": split_list(datasets),
+        "data.datasets": csv(datasets),
         "data.image_size": image_size,
         "compute.device": device,
     }

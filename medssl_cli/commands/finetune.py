@@ -8,21 +8,12 @@ import typer
 
 from ..console import console
 from ..errors import UserError
-
-
-def split_list(text: str | None) -> list[str] | None:
-    """'a, b,c' -> ['a', 'b', 'c']; None stays None (option not given)."""
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UserError(f"Empty list '{text}'.", "Give comma-separated values, e.g. 0,1,2.")
-    return items
+from .common import csv
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
     """'0,1,2' -> [0, 1, 2]; anything that is not a list of non-negative integers is a UserError."""
-    items = split_list(text)
+    items = csv(text)
     if items is None:
         return None
     out = []
@@ -43,7 +34,7 @@ def parse_fractions(text: str | None) -> list[float] | None:
     """'0.005,1%,1' -> [0.005, 0.01, 1.0] (each through ``data.fractions.parse_fraction``)."""
     from ..data.fractions import parse_fraction
 
-    items = split_list(text)
+    items = csv(text)
     return None if items is None else [parse_fraction(t) for t in items]
 
 
@@ -107,8 +98,8 @@ def finetune(
     # Dotted recipe keys; None = not given. The stage applies them with recipe.override, after the
     # pretrain run's recipe and --recipe (precedence: defaults < parent < file < CLI).
     overrides = {
-        "finetune.inits": split_list(init),
-        "finetune.modes": split_list(mode),
+        "finetune.inits": csv(init),
+        "finetune.modes": csv(mode),
         "finetune.fractions": parse_fractions(fraction),
         "finetune.seeds": parse_seeds(seeds),
         "finetune.head": head,
@@ -116,7 +107,7 @@ def finetune(
         "finetune.batch_size": batch_size,
         "finetune.lr_head": lr_head,
         "finetune.lr_backbone": lr_backbone,
-        "data.datasets": split_list(datasets),
+        "data.datasets": csv(datasets),
         "data.task": task,
         "data.image_size": image_size,
         "compute.device": device,

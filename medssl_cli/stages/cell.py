@@ -24,7 +24,6 @@ from .. import backbones
 from ..backbones import LoadedBackbone
 from ..data.fractions import stratified_subset
 from ..data.pool import Pool
-from ..errors import UserError
 from ..features import cached
 from ..io import write_json, write_text
 from ..metrics import compute_metrics
@@ -32,7 +31,7 @@ from ..models import backbone_meta, save_weights
 from ..preempt import Interrupted, StopFlag
 from ..probes import LinearFit, fit_lbfgs, fit_sgd
 from ..recipe import Recipe
-from ..runs import Run, attach_log, create_run, detach_log
+from ..runs import Run, create_run, recording
 from . import full_ft
 from .grid import Cell, cell_path, cell_status, release, try_cell_lock
 
@@ -144,20 +143,8 @@ def run_cell(ctx: Context, cell: Cell) -> str:
         run = create_run(
             path.parent, "finetune", ctx.recipe, name=cell.name, parent=ctx.parent, path=path, extra=extra
         )
-        handler = attach_log(run)
-        try:
+        with recording(run):
             _cell_body(ctx, cell, run)
-        except Interrupted:
-            run.set_status("interrupted")
-            raise
-        except UserError as exc:
-            run.set_status("failed", error=exc.line())
-            raise
-        except BaseException as exc:
-            run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            detach_log(handler)
         return "ran"
     finally:
         release(lock)

@@ -38,7 +38,7 @@ from ..metrics import compute_metrics, plot_confusion
 from ..models import load_weights
 from ..probes import knn_scores
 from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, attach_log, create_run, detach_log, find_latest, resolve_run
+from ..runs import Run, attach_log, create_run, detach_log, find_latest, recording, resolve_run
 from . import leakage
 from .finetune import data_root, load_split
 from .grid import finished_cells
@@ -324,8 +324,7 @@ def knn_probe(
     run = create_run(
         runs_root, "evaluate", recipe, name=f"knn-{name}" if name else "knn", parent=pre, extra=extra
     )
-    handler = attach_log(run)
-    try:
+    with recording(run):
         cache = runs_root / ".cache" / "features"
         f_bank = cached(
             cache, lb, bank, device=device, bf16=bf16, channels_last=channels_last, desc="train features"
@@ -370,12 +369,4 @@ def knn_probe(
             f"kNN probe (k={k}) of {pre.path.name} on {what}: accuracy {metrics['accuracy']:.3f} "
             f"[{lo:.3f}, {hi:.3f}], balanced {metrics['balanced_accuracy']:.3f}. Run: {run.path}"
         )
-    except UserError as exc:
-        run.set_status("failed", error=exc.line())
-        raise
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        detach_log(handler)
     return {"run": str(run.path), split: metrics}

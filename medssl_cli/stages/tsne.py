@@ -47,7 +47,7 @@ from ..errors import UserError
 from ..features import cached
 from ..io import write_json, write_text
 from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, attach_log, create_run, detach_log, find_latest, resolve_run
+from ..runs import Run, create_run, find_latest, recording, resolve_run
 from . import leakage
 from .clusters import (
     KNN_TEMPERATURE,
@@ -203,18 +203,9 @@ def tsne(
         runs_root, "tsne", recipe, name=name or default_name, parent=pre_runs[0] if pre_runs else None,
         extra=extra,
     )  # fmt: skip
-    handler = attach_log(run)
-    try:
+    with recording(run):
         metrics = _run(run, recipe, pool, panels, leaks, runs_root, len(full))
         run.set_status("finished", metrics={p["id"]: p["features"] for p in metrics["backbones"]})
-    except UserError as exc:
-        run.set_status("failed", error=exc.line())
-        raise
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        detach_log(handler)
     return run
 
 

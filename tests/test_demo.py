@@ -32,6 +32,7 @@ def test_demo_end_to_end(synth_root: Path, tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit) as exc:
         main(
             ["demo", "--data-dir", str(data), "--runs-root", str(tmp_path / "runs"), "--recipe", str(recipe)]
+            + ["--docs", str(tmp_path / "docs")]
         )
     out = capsys.readouterr()
     assert exc.value.code == 0, out.err
@@ -44,6 +45,8 @@ def test_demo_end_to_end(synth_root: Path, tmp_path: Path, capsys: pytest.Captur
     (report_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("report-")]
     md = (report_dir / "report.md").read_text()
     assert "SYNTHETIC" in md.upper() and "ssl" in md and "random" in md
+    assert (tmp_path / "docs" / "demo-table.md").read_text().count("| Barlow Twins | linear |") == 2
+    assert (tmp_path / "docs" / "demo-fraction-accuracy.png").stat().st_size > 1000
     html = (report_dir / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert str(report_dir / "report.html") in out.err.replace("\n", "")

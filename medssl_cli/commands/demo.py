@@ -16,6 +16,9 @@ def demo(
     recipe: Path = typer.Option(
         None, "--recipe", help="Recipe for every stage (default: recipes/demo.yaml)."
     ),
+    docs: Path = typer.Option(
+        None, "--docs", help="Also copy the figures and the table the README shows here."
+    ),
     imagenet: bool = typer.Option(
         False, "--imagenet", help="Add an ImageNet t-SNE panel (weights must be cached)."
     ),
@@ -24,6 +27,10 @@ def demo(
     from ..stages.demo import demo as run_demo
 
     out = run_demo(
-        data_dir=data_dir, runs_root=common.runs_root(runs_root), recipe_file=recipe, imagenet=imagenet
+        data_dir=data_dir,
+        runs_root=common.runs_root(runs_root),
+        recipe_file=recipe,
+        imagenet=imagenet,
+        docs=docs,
     )
     console.print(f"Report: {out / 'report.html'} (and report.md, summary.json)")

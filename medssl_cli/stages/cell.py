@@ -4,6 +4,12 @@ A cell runs under its lock (``grid.try_cell_lock``); an earlier unfinished attem
 Its run directory gets run.json (init, mode, fraction, seed, subset sizes per class, backbone, head),
 ``subset_indices.json``, ``weights/``, ``history.jsonl`` and ``metrics.json`` (val METRICS); a failure
 marks the cell ``failed`` (``interrupted`` on a stop signal) and is re-raised.
+
+Several processes (torchrun/srun, ``ctx.dist``): rank 0 alone decides whether a cell runs, takes its
+lock and writes every file; the decision is broadcast (``distributed.from_main``). A full-mode cell then
+trains on every rank (DDP, ``full_ft``; the other ranks log to the cell's ``log.rank<k>.txt``); a
+linear-mode cell (feature extraction + one L-BFGS / SGD fit, single-process) runs on rank 0 while the
+others wait at a barrier (within MEDSSL_DIST_TIMEOUT minutes).
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import backbones
+from .. import backbones, distributed
 from ..backbones import LoadedBackbone
 from ..data.fractions import stratified_subset
 from ..data.pool import Pool
+from ..distributed import Dist
 from ..features import cached
 from ..io import write_json, write_text
 from ..metrics import compute_metrics
@@ -31,7 +38,7 @@ from ..models import backbone_meta, save_weights
 from ..preempt import Interrupted, StopFlag
 from ..probes import LinearFit, fit_lbfgs, fit_sgd
 from ..recipe import Recipe
-from ..runs import Run, create_run, recording
+from ..runs import Run, attach_log, create_run, detach_log, recording
 from . import full_ft
 from .grid import Cell, cell_path, cell_status, release, try_cell_lock
 
@@ -55,6 +62,7 @@ class Context:
     channels_last: bool
     stop: StopFlag
     n_cells: int
+    dist: Dist = field(default_factory=Dist)
     loaded: dict[str, LoadedBackbone] = field(default_factory=dict)
     feats: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     fits: dict[tuple[str, bytes], LinearFit] = field(default_factory=dict)
@@ -77,7 +85,7 @@ class Context:
             )
             if init == "random":  # saved, so that evaluate uses exactly these weights
                 path = self.grid.file("backbones", f"random-seed{self.recipe.compute.seed}.safetensors")
-                if not path.exists():
+                if self.dist.is_main and not path.exists():
                     gm = lb.info["gray_mode"]
                     meta = {**backbone_meta(self.train.channels, gm, self.train.image_size), **lb.metadata()}
                     save_weights(path, lb.module, meta)
@@ -122,20 +130,57 @@ class Context:
 
 def run_cell(ctx: Context, cell: Cell) -> str:
     """Run one cell unless it is finished or busy; returns 'ran', 'skipped' or 'busy'."""
+    if ctx.dist.enabled:
+        return _run_cell_ddp(ctx, cell)
+    return _run_cell(ctx, cell)
+
+
+def _run_cell_ddp(ctx: Context, cell: Cell) -> str:
+    """``run_cell`` on every rank of a DDP job: rank 0 opens the cell (``_run_cell`` with the body deferred),
+    all ranks agree on it, a full-mode cell trains on all ranks, rank 0 finishes it."""
+    d = ctx.dist
+    signum = distributed.agree_signal(d, (ctx.stop.signum or 0) if ctx.stop else 0)
+    if signum:
+        raise Interrupted(str(ctx.grid.path), signum, cell.index)
+    if d.is_main:
+        return _run_cell(ctx, cell)  # the peers follow inside _cell_body (``_follow``)
+    outcome = distributed.from_main(d, lambda: None)
+    if outcome != "ran":
+        return str(outcome)
+    if cell.mode == "full":
+        run = Run(cell_path(ctx.grid.path, cell))
+        handler = attach_log(run, d.rank)
+        try:
+            sub = stratified_subset(ctx.train.labels, cell.fraction, cell.seed, ctx.train.num_classes)
+            full_ft.train_cell(ctx, cell, run, sub.indices)
+        finally:
+            detach_log(handler)
+    distributed.barrier(d)  # rank 0 writes the cell's results (a linear cell: all of its work)
+    return "ran"
+
+
+def _announce(ctx: Context, outcome: str) -> str:
+    """Rank 0 tells the other ranks whether the cell runs (no-op with one process)."""
+    if ctx.dist.enabled:
+        distributed.from_main(ctx.dist, lambda: outcome)
+    return outcome
+
+
+def _run_cell(ctx: Context, cell: Cell) -> str:
     path = cell_path(ctx.grid.path, cell)
     if cell_status(path) == "finished":
         LOG.info(f"cell {cell.index} {cell.name}: finished before, skipped")
-        return "skipped"
-    if ctx.stop:
+        return _announce(ctx, "skipped")
+    if ctx.stop and not ctx.dist.enabled:  # under DDP: agreed on by all ranks in _run_cell_ddp
         raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, cell.index)
     lock = try_cell_lock(ctx.grid.path, cell)
     if lock is None:
         LOG.info(f"cell {cell.index} {cell.name}: running in another process, skipped")
-        return "busy"
+        return _announce(ctx, "busy")
     try:
         previous = cell_status(path)
         if previous == "finished":
-            return "skipped"
+            return _announce(ctx, "skipped")
         if path.exists():  # a killed or failed attempt: start the cell over
             LOG.info(f"cell {cell.index} {cell.name}: previous attempt ({previous or 'incomplete'}) removed")
             shutil.rmtree(path)
@@ -143,8 +188,12 @@ def run_cell(ctx: Context, cell: Cell) -> str:
         run = create_run(
             path.parent, "finetune", ctx.recipe, name=cell.name, parent=ctx.parent, path=path, extra=extra
         )
+        if ctx.dist.enabled:
+            run.update(distributed=ctx.dist.describe())
+        _announce(ctx, "ran")  # after create_run: the peers open the cell directory for their logs
         with recording(run):
             _cell_body(ctx, cell, run)
+        distributed.barrier(ctx.dist)
         return "ran"
     finally:
         release(lock)

@@ -41,12 +41,33 @@ def ensure_synthetic(root: Path) -> bool:
     return True
 
 
+def export_docs(report_dir: Path, docs: Path) -> list[Path]:
+    """Copy the demo's figures and comparison table into ``docs`` (what the README shows)."""
+    from ..io import write_bytes, write_text
+
+    plots = report_dir / "plots"
+    tsne_png = sorted(plots.glob("tsne-*.png"))
+    pairs = [(plots / "fraction_accuracy.png", docs / "demo-fraction-accuracy.png")]
+    pairs += [(tsne_png[-1], docs / "demo-tsne.png")] if tsne_png else []
+    written = []
+    for src, dst in pairs:
+        write_bytes(dst, src.read_bytes())
+        written.append(dst)
+    lines = (report_dir / "report.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| init | mode |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    table = "\n".join(lines[start:end])
+    write_text(docs / "demo-table.md", f"<!-- written by `medssl demo --docs docs` -->\n{table}\n")
+    return [*written, docs / "demo-table.md"]
+
+
 def demo(
     *,
     data_dir: Path | str | None = None,
     runs_root: Path | str = "runs",
     recipe_file: Path | None = None,
     imagenet: bool = False,
+    docs: Path | None = None,
 ) -> Path:
     """Run the demo pipeline; returns the report directory."""
     import os
@@ -91,6 +112,10 @@ def demo(
     lap("tsne")
     out = report(runs_root=runs_root, name="demo")
     lap("report")
+    if docs is not None:
+        LOG.info(
+            f"[demo] figures and table copied to {', '.join(str(p) for p in export_docs(out, Path(docs)))}"
+        )
     LOG.info(
         f"[demo] finished in {time.perf_counter() - t0:.0f} s: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())

@@ -18,10 +18,15 @@ only *val* for every choice (C, early stopping); the test split is never loaded 
 - Outputs per cell: run.json (init, mode, fraction, seed, subset size per class, backbone, head),
   ``subset_indices.json``, ``weights/*.safetensors``, ``history.jsonl``, ``metrics.json`` with val
   METRICS. The grid's ``metrics.json`` holds a val summary; ``evaluate`` adds the test split.
+- Several processes (torchrun/srun; ``distributed.py``): every rank reads the recipe and data; rank 0
+  creates or opens the grid and does all its bookkeeping (locks, cell files, status) and the others get
+  its path; full-mode cells train with DDP on all ranks, linear-mode cells run on rank 0 (``cell.py``).
+  Every rank logs to its own file (``log.rank<k>.txt``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import backbones, compute
+from .. import backbones, compute, distributed
 from ..data.fractions import parse_fraction
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
@@ -137,6 +142,26 @@ def finetune(
     cell: int | None = None,
 ) -> Run:
     """Run (or continue) a finetune grid; returns the grid run. See the module docstring."""
+    dist = distributed.detect()
+    with contextlib.ExitStack() as stack:  # holds the process group (opened once the device is known)
+        return _finetune(
+            overrides, recipe_file, from_run, runs_root, name, data_dir, resume, grid_dir, cell, dist, stack
+        )
+
+
+def _finetune(
+    overrides: dict[str, Any],
+    recipe_file: Path | None,
+    from_run: str | Path | None,
+    runs_root: Path | str,
+    name: str | None,
+    data_dir: Path | str | None,
+    resume: Path | str | None,
+    grid_dir: Path | str | None,
+    cell: int | None,
+    dist: distributed.Dist,
+    stack: contextlib.ExitStack,
+) -> Run:
     runs_root = Path(runs_root)
     existing = Path(resume) if resume is not None else None
     if existing is None and grid_dir is not None and (Path(grid_dir) / "run.json").is_file():
@@ -150,6 +175,7 @@ def finetune(
     else:
         recipe, parent = resolve_recipe(recipe_file, overrides, from_run, runs_root)
     check_recipe(recipe)
+    stack.enter_context(distributed.session(dist, compute.resolve_device(recipe.compute.device)))
     if "imagenet" in recipe.finetune.inits:
         backbones.require_imagenet()  # fail before anything is written
     cells = plan_cells(recipe.finetune)
@@ -170,9 +196,12 @@ def finetune(
         grid = Run(existing)
         _check_same_data(grid, data)
     else:
-        grid = _create_grid(recipe, parent, cells, data, runs_root, name, grid_dir)
+        made = distributed.from_main(
+            dist, lambda: str(_create_grid(recipe, parent, cells, data, runs_root, name, grid_dir).path)
+        )
+        grid = Run(Path(made))
     todo = cells if cell is None else [cells[cell]]
-    return _run_grid(grid, recipe, parent, train, val, cells, todo)
+    return _run_grid(grid, recipe, parent, train, val, cells, todo, dist)
 
 
 def _reopen(
@@ -250,17 +279,30 @@ def _create_grid(
 
 
 def _run_grid(
-    grid: Run, recipe: Recipe, parent: Run | None, train: Pool, val: Pool, cells: list[Cell], todo: list[Cell]
+    grid: Run,
+    recipe: Recipe,
+    parent: Run | None,
+    train: Pool,
+    val: Pool,
+    cells: list[Cell],
+    todo: list[Cell],
+    dist: distributed.Dist | None = None,
 ) -> Run:
-    c = recipe.compute
-    device = compute.resolve_device(c.device)
+    c, dist = recipe.compute, dist or distributed.Dist()
+    device = distributed.rank_device(dist, compute.resolve_device(c.device))
     bf16 = compute.use_bf16(device, c.precision)
     channels_last = compute.use_channels_last(device, c.channels_last, train.image_size)
-    handler = attach_log(grid)
+    handler = attach_log(grid, dist.rank)
     k = train.num_classes
     try:
         with StopFlag() as stop:
-            ctx = Context(recipe, grid, parent, train, val, device, bf16, channels_last, stop, len(cells))
+            ctx = Context(
+                recipe, grid, parent, train, val, device, bf16, channels_last, stop, len(cells), dist=dist
+            )
+            if dist.enabled:
+                LOG.info(f"Rank {dist.rank} of {dist.world_size}, {compute.describe_device(device)}")
+                if dist.is_main:
+                    update_grid(grid, distributed=dist.describe())
             LOG.info(
                 f"Finetune grid {grid.path}: {len(cells)} cells ({len(todo)} to consider here); "
                 f"train {len(train)} / val {len(val)} images of {', '.join(train.dataset_ids)} at "
@@ -276,13 +318,17 @@ def _run_grid(
             ran = [c.name for c in todo if run_cell(ctx, c) == "ran"]
             elapsed = time.perf_counter() - t0
     except (Interrupted, KeyboardInterrupt):
-        refresh_status(grid, cells, failed="interrupted")
+        if dist.is_main:
+            refresh_status(grid, cells, failed="interrupted")
         raise
     except BaseException:
-        refresh_status(grid, cells, failed="failed")
+        if dist.is_main:
+            refresh_status(grid, cells, failed="failed")
         raise
     finally:
         detach_log(handler)
+    if not dist.is_main:
+        return grid
     timings = _timings(ctx.timings, elapsed, len(ran))
     status = refresh_status(grid, cells)
     update_grid(grid, timings=timings)

@@ -12,6 +12,11 @@
   one line. Early stopping when val accuracy (ties: val loss) has not improved for ``patience``
   epochs; the best-val weights are kept and saved (``weights/backbone.safetensors`` and ``head``).
 - Seeded by the cell's seed (head init, sample order, augmentation).
+- Several processes (``ctx.dist``, torchrun/srun): BatchNorm synchronised (``distributed.sync_batchnorm``),
+  backbone + head in DDP; every rank takes its slice (``rank_slice``) of each global mini-batch of the
+  shared seeded order, so the step equals the single-process one; views drawn per (seed, step, rank);
+  validation, history and weights on rank 0, whose early-stop decision is broadcast. World size 1: as
+  before, unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import compute
+from .. import compute, distributed
 from ..augment import make_view
 from ..console import progress
 from ..errors import TrainingDiverged
@@ -61,9 +66,48 @@ def _batches(order: torch.Tensor, bs: int) -> list[torch.Tensor]:
     return out
 
 
+def rank_slice(b: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous share of the global mini-batch ``b`` (sizes differ by at most one; in rank
+    order the shares make up ``b``)."""
+    return torch.tensor_split(b, world_size)[rank]
+
+
+def _view_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    return g
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    global_batch: int,
+    world_size: int,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """One DDP step on this rank's share (x, y) of a global mini-batch; returns the detached sum of the
+    share's cross-entropies.
+
+    One process: L = (1/B) sum_{i in b} ce_i. Rank r minimises L_r = (W/B) sum_{i in b_r} ce_i (B: the
+    GLOBAL batch size, W ranks); DDP averages the gradients over the ranks, so the applied gradient is
+    (1/W) sum_r grad L_r = (1/B) sum_i grad ce_i = grad L, also when B does not divide by W.
+    """
+    with compute.autocast(x.device, bf16):
+        logits = model(x)
+    ce = F.cross_entropy(logits.float(), y, reduction="sum")
+    opt.zero_grad(set_to_none=True)
+    (ce * (world_size / global_batch)).backward()
+    opt.step()
+    return ce.detach()
+
+
 def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Fine-tune a copy of the cell's initial backbone; returns (best-epoch val probabilities, info)."""
-    ft, device, train, val = ctx.recipe.finetune, ctx.device, ctx.train, ctx.val
+    """Fine-tune a copy of the cell's initial backbone; returns (best-epoch val probabilities, info).
+
+    Under DDP every rank calls this; only rank 0's result is meaningful (others return None, {})."""
+    ft, device, train, val, d = ctx.recipe.finetune, ctx.device, ctx.train, ctx.val, ctx.dist
     ft_view = dataclasses.replace(FT_VIEW, flip_p=ctx.recipe.views.view1.flip_p)
     lb = ctx.backbone(cell.init)
     size, k, n = train.image_size, train.num_classes, len(idx)
@@ -71,6 +115,10 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     backbone = copy.deepcopy(lb.module).to(device, memory_format=fmt)
     head = LinearHead(FEATURE_DIM, k).to(device)
+    model: torch.nn.Module = torch.nn.Sequential(backbone, head)
+    if d.enabled:  # BN over the global batch; the layers keep their parameters (and state-dict keys)
+        backbone = distributed.sync_batchnorm(backbone, device)
+        model = distributed.wrap_ddp(torch.nn.Sequential(backbone, head), d, device)
     params = count_params(backbone) + count_params(head)
     opt = torch.optim.AdamW(
         [
@@ -90,7 +138,7 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
     g_order = torch.Generator().manual_seed(cell.seed)
     g_view = torch.Generator(device=device).manual_seed(cell.seed)
     best: dict[str, Any] | None = None
-    stale, epoch = 0, 0
+    stale, epoch, step = 0, 0, 0
     with progress("samples") as bar:
         task = bar.add_task(f"full {cell.name}", total=ft.epochs * n, rate=0.0, info="")
         for epoch in range(1, ft.epochs + 1):
@@ -99,65 +147,91 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
             head.train()
             total = torch.zeros((), device=device)
             for b in _batches(torch.randperm(n, generator=g_order), bs):
-                x = lb.prepare(make_view(source(b), ft_view, size, g_view)).contiguous(memory_format=fmt)
-                with compute.autocast(device, ctx.bf16):
-                    logits = head(backbone(x))
-                loss = F.cross_entropy(logits.float(), y_all[b.to(device)])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.detach() * len(b)
+                if d.enabled:
+                    gb, b = len(b), rank_slice(b, d.rank, d.world_size)
+                    g = _view_generator(cell.seed, step, d.rank, device)
+                    x = lb.prepare(make_view(source(b), ft_view, size, g)).contiguous(memory_format=fmt)
+                    total += train_step(model, opt, x, y_all[b.to(device)], gb, d.world_size, ctx.bf16)
+                else:
+                    x = lb.prepare(make_view(source(b), ft_view, size, g_view)).contiguous(memory_format=fmt)
+                    with compute.autocast(device, ctx.bf16):
+                        logits = head(backbone(x))
+                    loss = F.cross_entropy(logits.float(), y_all[b.to(device)])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach() * len(b)
+                step += 1
+            if d.enabled:
+                # Every rank sees the same epoch loss (and so raises TrainingDiverged together).
+                total = distributed.all_reduce_sum(total)
             train_loss = float(total) / n
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(
                     f"Fine-tuning loss became {train_loss} in cell {cell.name}, epoch {epoch}.",
                     "Lower --lr-backbone / --lr-head, or use compute.precision fp32.",
                 )
-            feats = extract(
-                backbone,
-                val.images,
-                (lb.mean, lb.std),
-                device=device,
-                bf16=ctx.bf16,
-                channels_last=ctx.channels_last,
-                show_progress=False,
-            )
-            with torch.no_grad():
-                logits_val = feats @ head.weight.detach().float().cpu().T + head.bias.detach().float().cpu()
-            y_val = torch.from_numpy(val.labels)
-            acc = float((logits_val.argmax(1) == y_val).double().mean())
-            vloss = float(F.cross_entropy(logits_val, y_val))
-            row = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_accuracy": acc,
-                "val_loss": vloss,
-                "time_s": time.perf_counter() - t0,
-            }
-            append_jsonl(run.file("history.jsonl"), row)
-            bar.update(
-                task,
-                completed=epoch * n,
-                rate=n / max(row["time_s"], 1e-9),
-                info=f"epoch {epoch} loss {train_loss:.3f} val acc {acc:.3f}",
-            )
-            # Patience counts epochs without a strictly better val accuracy; the kept weights are those
-            # of the best accuracy, ties broken by the lower val loss.
-            stale = 0 if best is None or acc > best["key"][0] else stale + 1
-            if best is None or (acc, -vloss) > best["key"]:
-                best = {
-                    "key": (acc, -vloss),
+
+            def validate(epoch: int = epoch, train_loss: float = train_loss, t0: float = t0) -> bool:
+                """Val metrics, history line, best weights (rank 0); True: patience is used up."""
+                nonlocal best, stale
+                feats = extract(
+                    backbone,
+                    val.images,
+                    (lb.mean, lb.std),
+                    device=device,
+                    bf16=ctx.bf16,
+                    channels_last=ctx.channels_last,
+                    show_progress=False,
+                )
+                with torch.no_grad():
+                    logits_val = (
+                        feats @ head.weight.detach().float().cpu().T + head.bias.detach().float().cpu()
+                    )
+                y_val = torch.from_numpy(val.labels)
+                acc = float((logits_val.argmax(1) == y_val).double().mean())
+                vloss = float(F.cross_entropy(logits_val, y_val))
+                row = {
                     "epoch": epoch,
-                    "proba": torch.softmax(logits_val, 1),
-                    "backbone": {
-                        k2: v.detach().to("cpu", copy=True) for k2, v in backbone.state_dict().items()
-                    },
-                    "head": {k2: v.detach().to("cpu", copy=True) for k2, v in head.state_dict().items()},
+                    "train_loss": train_loss,
+                    "val_accuracy": acc,
+                    "val_loss": vloss,
+                    "time_s": time.perf_counter() - t0,
                 }
-            if ctx.stop:
+                append_jsonl(run.file("history.jsonl"), row)
+                bar.update(
+                    task,
+                    completed=epoch * n,
+                    rate=n / max(row["time_s"], 1e-9),
+                    info=f"epoch {epoch} loss {train_loss:.3f} val acc {acc:.3f}",
+                )
+                # Patience counts epochs without a strictly better val accuracy; the kept weights are those
+                # of the best accuracy, ties broken by the lower val loss.
+                stale = 0 if best is None or acc > best["key"][0] else stale + 1
+                if best is None or (acc, -vloss) > best["key"]:
+                    best = {
+                        "key": (acc, -vloss),
+                        "epoch": epoch,
+                        "proba": torch.softmax(logits_val, 1),
+                        "backbone": {
+                            k2: v.detach().to("cpu", copy=True) for k2, v in backbone.state_dict().items()
+                        },
+                        "head": {k2: v.detach().to("cpu", copy=True) for k2, v in head.state_dict().items()},
+                    }
+                return stale >= ft.patience
+
+            # Under DDP rank 0 validates (eval mode: no collectives) and every rank gets its decision.
+            patience_out = distributed.from_main(d, validate)
+            if d.enabled:
+                signum = distributed.agree_signal(d, (ctx.stop.signum or 0) if ctx.stop else 0)
+                if signum:
+                    raise Interrupted(str(ctx.grid.path), signum, epoch)
+            elif ctx.stop:
                 raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, epoch)  # resume = the grid
-            if stale >= ft.patience:
+            if patience_out:
                 break
+    if not d.is_main:
+        return None, {}
     assert best is not None
     gray = lb.info.get("gray_mode", "replicate")
     meta = {

@@ -96,7 +96,8 @@ def train_step(
     """
     with compute.autocast(x.device, bf16):
         logits = model(x)
-    ce = F.cross_entropy(logits.float(), y, reduction="sum")
+    # float32 at least (bf16 autocast logits), float64 kept (the equality test runs in float64)
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum")
     opt.zero_grad(set_to_none=True)
     (ce * (world_size / global_batch)).backward()
     opt.step()

@@ -28,6 +28,7 @@ import torch
 
 from .. import __version__, checkpoint, cluster, compute, distributed
 from ..augment import make_pair, normalize
+from ..batches import BatchSource, epoch_order, rank_batch, steps_per_epoch, view_generator
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
 from ..distributed import Dist
@@ -62,31 +63,6 @@ def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
         raise UserError(f"--lr must be positive, got {p.lr}.")
 
 
-def steps_per_epoch(n_images: int, batch_size: int) -> int:
-    """Full batches only (drop_last): the loss's batch statistics need a fixed, large batch."""
-    return n_images // batch_size
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch: a function of (seed, epoch) only, identical on every rank."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def rank_batch(order: torch.Tensor, s: int, batch_size: int, dist: Dist) -> torch.Tensor:
-    """This rank's share of the epoch's global batch ``s``: the ranks' slices are disjoint and, in rank
-    order, make up exactly the single-process batch ``order[s*B:(s+1)*B]``."""
-    b = batch_size // dist.world_size
-    start = s * batch_size + dist.rank * b
-    return order[start : start + b]
-
-
-def view_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
-    return g
-
-
 def train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -105,30 +81,6 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss.detach(), on_diag.detach(), off_diag.detach()
-
-
-class BatchSource:
-    """uint8 batches on the training device.
-
-    If the pool is in RAM and fits ``device_budget_gb``, it is copied to the device once and batches
-    are gathered there (no host work per step). Otherwise each batch is gathered on the host (from RAM
-    or the memory map), pinned, and copied asynchronously.
-    """
-
-    def __init__(self, pool: Pool, device: torch.device, device_budget_gb: float) -> None:
-        self.pool = pool
-        self.device = device
-        fits = pool.images.in_ram and pool.images.nbytes <= device_budget_gb * 2**30
-        self.on_device = fits or (device.type == "cpu" and pool.images.in_ram)
-        self.data = pool.images.data.to(device) if self.on_device else None
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.data is not None:
-            return self.data[idx.to(self.device)]
-        x = self.pool.images[idx]
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x
 
 
 def _load_data(recipe: Recipe, data_dir: Path | str | None, dist: Dist) -> Pool:
@@ -157,25 +109,36 @@ def _checked_pool(recipe: Recipe, data_dir: Path | str | None, allow_test: bool,
     check_recipe(recipe, allow_test)
     b, n = recipe.pretrain.batch_size, dist.world_size
     if b % n:
-        raise UserError(f"--batch-size {b} (global) does not split over {n} processes.",
-                        f"Use a multiple of {n}, e.g. {max(n, b - b % n)}.")
+        raise UserError(
+            f"--batch-size {b} (global) does not split over {n} processes.",
+            f"Use a multiple of {n}, e.g. {max(n, b - b % n)}.",
+        )
     compute.configure_threads(recipe.compute.threads)
     return _load_data(recipe, data_dir, dist)
 
 
-def _open_run(kind: str, path: str | None, recipe: Recipe, pool: Pool, runs_root: Path | str,
-              name: str | None) -> str:
+def _open_run(
+    kind: str, path: str | None, recipe: Recipe, pool: Pool, runs_root: Path | str, name: str | None
+) -> str:
     """Rank 0: create the run directory (or check a resumed run's data); returns its path."""
     if kind == "resume":
         if Run(Path(path or "")).manifest.get("data", {}).get("fingerprint") != pool.fingerprint():
-            raise UserError(f"The data under {pool.root} differs from what run {path} was trained on.",
-                            "Pass the original --data-dir.")
+            raise UserError(
+                f"The data under {pool.root} differs from what run {path} was trained on.",
+                "Pass the original --data-dir.",
+            )
         return str(path)
     fixed = Path(path) if path else None
     if fixed is not None and fixed.is_dir():
         fixed.rmdir()  # empty (resolve_target checked it): create_run claims it afresh
-    run = create_run(fixed.parent if fixed else runs_root, "pretrain", recipe, name=name,
-                     extra={"data": pool.provenance()}, path=fixed)
+    run = create_run(
+        fixed.parent if fixed else runs_root,
+        "pretrain",
+        recipe,
+        name=name,
+        extra={"data": pool.provenance()},
+        path=fixed,
+    )
     write_json(run.file("data_seen.json"), pool.seen())
     return str(run.path)
 
@@ -253,9 +216,15 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
     if dist.enabled:
         LOG.info(f"Rank {dist.rank} of {dist.world_size}: {p.batch_size // dist.world_size} images per step")
     if dist.is_main:
-        run.update(device=compute.describe_device(device), precision="bf16" if bf16 else "fp32",
-                   channels_last=channels_last, params={"backbone": n_backbone, "projector": n_proj},
-                   steps_per_epoch=spe, total_steps=total, distributed=dist.describe())
+        run.update(
+            device=compute.describe_device(device),
+            precision="bf16" if bf16 else "fp32",
+            channels_last=channels_last,
+            params={"backbone": n_backbone, "projector": n_proj},
+            steps_per_epoch=spe,
+            total_steps=total,
+            distributed=dist.describe(),
+        )
 
     step, acc = 0, _zero_acc(device)
     ckpt_dir = run.file("checkpoint")
@@ -277,8 +246,9 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
     from ..console import progress
 
     with progress("samples") as bar:
-        task = bar.add_task("pretrain", total=total * p.batch_size, completed=step * p.batch_size,
-                            rate=0.0, info="")
+        task = bar.add_task(
+            "pretrain", total=total * p.batch_size, completed=step * p.batch_size, rate=0.0, info=""
+        )
         while step < total:
             epoch, in_epoch = divmod(step, spe)
             order = epoch_order(len(pool), c.seed, epoch)
@@ -307,8 +277,12 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
                         )
                     elapsed = time.perf_counter() - t0
                     rate = (s + 1 - in_epoch) * p.batch_size / max(elapsed, 1e-9)
-                    bar.update(task, completed=step * p.batch_size, rate=rate,
-                               info=f"epoch {epoch + 1}/{p.epochs} loss {value:.1f}")
+                    bar.update(
+                        task,
+                        completed=step * p.batch_size,
+                        rate=rate,
+                        info=f"epoch {epoch + 1}/{p.epochs} loss {value:.1f}",
+                    )
                 # Every rank must stop at the same step: the ranks agree on the signal (one tiny
                 # all-reduce, at the loss-sync cadence so a GPU is not stalled every step).
                 if not dist.enabled or step % sync_every == 0 or s == spe - 1:
@@ -334,8 +308,9 @@ def _zero_acc(device: torch.device) -> dict[str, Any]:
     return z
 
 
-def _save_checkpoint(run: Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     acc: dict[str, Any]) -> None:
+def _save_checkpoint(
+    run: Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, acc: dict[str, Any]
+) -> None:
     tensors = {k: v for k, v in acc.items() if k.startswith("acc_")}
     rng = compute.rng_state()
     tensors.update({f"rng_{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
@@ -352,8 +327,18 @@ def _truncate_history(run: Run, epochs: int) -> None:
     write_text(run.file("history.jsonl"), "".join(json.dumps(h) + "\n" for h in keep))
 
 
-def _end_epoch(run: Run, recipe: Recipe, pool: Pool, net: torch.nn.Module, epoch: int, step: int,
-               lr: float, acc: dict[str, Any], device: torch.device, bf16: bool) -> None:
+def _end_epoch(
+    run: Run,
+    recipe: Recipe,
+    pool: Pool,
+    net: torch.nn.Module,
+    epoch: int,
+    step: int,
+    lr: float,
+    acc: dict[str, Any],
+    device: torch.device,
+    bf16: bool,
+) -> None:
     n = max(acc["acc_n"].item(), 1)
     loss, on_d, off_d = (acc[k].item() / n for k in ("acc_loss", "acc_on", "acc_off"))
     row: dict[str, Any] = {
@@ -379,23 +364,39 @@ def _end_epoch(run: Run, recipe: Recipe, pool: Pool, net: torch.nn.Module, epoch
     )
 
 
-def _knn_monitor(recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device,
-                 bf16: bool) -> float:
+def _knn_monitor(
+    recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device, bf16: bool
+) -> float:
     """kNN (k=20, cosine) accuracy of the backbone's features, train -> val. Labels only monitor."""
     from ..features import extract
     from ..probes import knn_predict
 
     d = recipe.data
     root = pool.root
-    train = load_pool(root, pool.dataset_ids, ["train"], task=d.task, image_size=d.image_size,
-                      channels=d.channels, ram_budget_gb=d.ram_budget_gb)
-    val = load_pool(root, pool.dataset_ids, ["val"], task=d.task, image_size=d.image_size,
-                    channels=d.channels, ram_budget_gb=d.ram_budget_gb)
+    train = load_pool(
+        root,
+        pool.dataset_ids,
+        ["train"],
+        task=d.task,
+        image_size=d.image_size,
+        channels=d.channels,
+        ram_budget_gb=d.ram_budget_gb,
+    )
+    val = load_pool(
+        root,
+        pool.dataset_ids,
+        ["val"],
+        task=d.task,
+        image_size=d.image_size,
+        channels=d.channels,
+        ram_budget_gb=d.ram_budget_gb,
+    )
     norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
     f_train = extract(backbone, train.images, norm, device=device, bf16=bf16, show_progress=False)
     f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)
-    pred = knn_predict(f_train, torch.as_tensor(train.labels), f_val, k=recipe.evaluate.knn_k,
-                       num_classes=train.num_classes)
+    pred = knn_predict(
+        f_train, torch.as_tensor(train.labels), f_val, k=recipe.evaluate.knn_k, num_classes=train.num_classes
+    )
     return float((pred.cpu() == torch.as_tensor(val.labels)).float().mean())
 
 
@@ -410,8 +411,11 @@ def _finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
         init="ssl",
     )
     save_weights(run.file("weights", "backbone.safetensors"), net.backbone, meta)
-    save_weights(run.file("weights", "projector.safetensors"), net.projector,
-                 {**meta, "projector": json.dumps(recipe.model.projector)})
+    save_weights(
+        run.file("weights", "projector.safetensors"),
+        net.projector,
+        {**meta, "projector": json.dumps(recipe.model.projector)},
+    )
     history = read_jsonl(run.file("history.jsonl"))
     loss_curve(history, run.file("plots", "loss.png"))
     first, last = history[0], history[-1]
@@ -427,5 +431,7 @@ def _finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
         metrics["knn_val_accuracy"] = last["knn_val_accuracy"]
     write_json(run.file("metrics.json"), metrics)
     run.set_status("finished", metrics=metrics)
-    LOG.info(f"Pretraining finished: loss {first['loss']:.1f} -> {last['loss']:.1f}. Weights: "
-             f"{run.file('weights', 'backbone.safetensors')}")
+    LOG.info(
+        f"Pretraining finished: loss {first['loss']:.1f} -> {last['loss']:.1f}. Weights: "
+        f"{run.file('weights', 'backbone.safetensors')}"
+    )

@@ -6,8 +6,8 @@ timed in rounds that interleave A, B, the views alone and a matmul peak (A B V M
 and ratios are medians of per-round ratios, which cancels slow load drift on a shared machine.
 
 - A, model step: ``stages.pretrain.train_step`` on ready-made, normalised device tensors.
-- B, pipeline: what ``medssl pretrain`` does per step, with its own functions: ``BatchSource`` gather
-  from a uint8 pool (on the device when it fits ``--device-budget-gb``), ``view_generator``,
+- B, pipeline: what ``medssl pretrain`` does per step, with its own functions: ``batches.BatchSource`` gather
+  from a uint8 pool (on the device when it fits ``--device-budget-gb``), ``rank_batch``, ``view_generator``,
   ``augment.make_pair``, ``normalize``, channels_last, ``set_lr``, ``train_step``, ``loss.item()`` at
   the loop's cadence (every step on CPU, every 25 on CUDA).
 - V, views: the data part of B alone (gather + views + normalise).
@@ -45,18 +45,13 @@ import torch  # noqa: E402
 
 from medssl_cli import compute  # noqa: E402
 from medssl_cli.augment import make_pair, normalize  # noqa: E402
+from medssl_cli.batches import BatchSource, epoch_order, rank_batch, view_generator  # noqa: E402
 from medssl_cli.chunked import chunked_train_step  # noqa: E402
+from medssl_cli.distributed import Dist  # noqa: E402
 from medssl_cli.models import build_pretrain_net  # noqa: E402
 from medssl_cli.optim import build_optimizer, param_groups, set_lr  # noqa: E402
 from medssl_cli.recipe import PretrainRecipe, ViewsRecipe  # noqa: E402
-from medssl_cli.stages.pretrain import (  # noqa: E402
-    NORM_MEAN,
-    NORM_STD,
-    BatchSource,
-    epoch_order,
-    train_step,
-    view_generator,
-)
+from medssl_cli.stages.pretrain import NORM_MEAN, NORM_STD, train_step  # noqa: E402
 
 DEFAULT_BATCH = {64: 128, 224: 32}  # the cpu-probe's efficient batch sizes
 ORGANS_TRAIN_POOL = 2613  # 3 planes x 871 official train images
@@ -235,7 +230,7 @@ def make_pool(n: int, channels: int, size: int, seed: int = 0) -> RamPool:
 
 
 class Pipeline:
-    """The per-step body of ``stages.pretrain._train`` (rank 0 of 1), on a fixed net and optimizer."""
+    """The per-step body of ``stages.pretrain._train`` (one process), on a fixed net and optimizer."""
 
     def __init__(
         self,
@@ -270,8 +265,7 @@ class Pipeline:
         epoch, s = divmod(step, self.spe)
         if self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.pool), self.seed, epoch))
-        idx = self._order[1][s * self.batch :][: self.batch]
-        x = self.source(idx)
+        x = self.source(rank_batch(self._order[1], s, self.batch, Dist()))
         g = view_generator(self.seed, step, 0, self.device)
         v1, v2 = make_pair(x, self.views, self.pool.image_size, g)
         v1, v2 = normalize(v1, self.mean, self.std), normalize(v2, self.mean, self.std)

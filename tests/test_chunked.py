@@ -13,15 +13,7 @@ from medssl_cli.models import build_pretrain_net
 from medssl_cli.stages.pretrain import train_step
 
 LAMBD = 0.0051
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: exact enough, and 2 spinning OpenMP threads crawl on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 2 threads crawl on a busy box
 
 
 def _net(seed: int = 0) -> nn.Module:

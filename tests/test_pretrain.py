@@ -155,3 +155,15 @@ def test_real_ids_with_aliases_start(real_ids_root: Path, tmp_path: Path) -> Non
     assert exc.value.code == 0
     (run_dir,) = tmp_path.iterdir()
     assert Run(run_dir).manifest["data"]["datasets"] == ["organs_axial", "organs_coronal", "organs_sagittal"]
+
+
+def test_chunked_pretraining_runs_and_bad_chunk_is_refused(synth_root: Path, tmp_path: Path) -> None:
+    run = stage.pretrain(
+        tiny(**{"pretrain.chunk_size": 16, "pretrain.epochs": 1}),
+        data_dir=synth_root,
+        runs_root=tmp_path / "a",
+    )
+    history = [json.loads(line) for line in run.file("history.jsonl").read_text().splitlines()]
+    assert run.status == "finished" and history[0]["loss"] == history[0]["loss"]  # finite, not NaN
+    with pytest.raises(UserError, match="chunk_size must be 0"):
+        stage.pretrain(tiny(**{"pretrain.chunk_size": 1}), data_dir=synth_root, runs_root=tmp_path / "b")

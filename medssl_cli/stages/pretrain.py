@@ -29,6 +29,7 @@ import torch
 from .. import __version__, checkpoint, cluster, compute, distributed
 from ..augment import make_pair, normalize
 from ..batches import BatchSource, epoch_order, rank_batch, steps_per_epoch, view_generator
+from ..chunked import chunked_train_step
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
 from ..distributed import Dist
@@ -61,6 +62,10 @@ def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
         raise UserError(f"--batch-size must be at least 2 (batch statistics), got {p.batch_size}.")
     if p.lr <= 0:
         raise UserError(f"--lr must be positive, got {p.lr}.")
+    if p.chunk_size < 0 or p.chunk_size == 1:
+        raise UserError(
+            f"pretrain.chunk_size must be 0 (off) or >= 2 (BatchNorm statistics), got {p.chunk_size}."
+        )
 
 
 def train_step(
@@ -262,7 +267,12 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
                 if channels_last:
                     v1 = v1.contiguous(memory_format=torch.channels_last)
                     v2 = v2.contiguous(memory_format=torch.channels_last)
-                loss, on_d, off_d = train_step(model, optimizer, v1, v2, p.lambd, bf16, dist.world_size)
+                if 0 < p.chunk_size < v1.shape[0]:  # memory saver: chunked passes, one full-batch loss
+                    loss, on_d, off_d = chunked_train_step(
+                        model, optimizer, v1, v2, p.lambd, bf16, p.chunk_size, dist.world_size
+                    )
+                else:
+                    loss, on_d, off_d = train_step(model, optimizer, v1, v2, p.lambd, bf16, dist.world_size)
                 acc["acc_loss"] += loss
                 acc["acc_on"] += on_d
                 acc["acc_off"] += off_d

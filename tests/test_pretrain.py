@@ -44,7 +44,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_pretrain_writes_a_complete_run(synth_root: Path, tmp_path: Path) -> None:
-    run = stage.pretrain(tiny(), data_dir=synth_root, runs_root=tmp_path)
+    run = stage.pretrain(tiny(**{"pretrain.knn_every": 2}), data_dir=synth_root, runs_root=tmp_path)
     info = run.manifest
     assert info["status"] == "finished" and info["stage"] == "pretrain"
     assert info["data"]["splits"] == ["train"] and info["data"]["fingerprint"]
@@ -53,6 +53,8 @@ def test_pretrain_writes_a_complete_run(synth_root: Path, tmp_path: Path) -> Non
     history = [json.loads(line) for line in run.file("history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
     assert {"loss", "on_diag", "off_diag", "lr", "samples_per_s", "time_s"} <= set(history[0])
+    assert "knn_val_accuracy" not in history[0] and 0.0 <= history[1]["knn_val_accuracy"] <= 1.0
+    assert run.manifest["metrics"]["knn_val_accuracy"] == history[1]["knn_val_accuracy"]
     from safetensors import safe_open
 
     with safe_open(str(run.file("weights", "backbone.safetensors")), "pt") as f:

@@ -383,24 +383,11 @@ def _knn_monitor(
 
     d = recipe.data
     root = pool.root
-    train = load_pool(
-        root,
-        pool.dataset_ids,
-        ["train"],
-        task=d.task,
-        image_size=d.image_size,
-        channels=d.channels,
-        ram_budget_gb=d.ram_budget_gb,
-    )
-    val = load_pool(
-        root,
-        pool.dataset_ids,
-        ["val"],
-        task=d.task,
-        image_size=d.image_size,
-        channels=d.channels,
-        ram_budget_gb=d.ram_budget_gb,
-    )
+    train, val = (
+        load_pool(root, pool.dataset_ids, [split], task=d.task, image_size=d.image_size,
+                  channels=d.channels, ram_budget_gb=d.ram_budget_gb)
+        for split in ("train", "val")
+    )  # fmt: skip
     norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
     f_train = extract(backbone, train.images, norm, device=device, bf16=bf16, show_progress=False)
     f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)

@@ -92,3 +92,40 @@ def one_torch_thread():  # noqa: ANN201 - generator fixture
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for torch.distributed rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def two_gloo_ranks():  # noqa: ANN201 - returns a runner
+    """Run ``worker(rank, port, out_dir)`` in 2 spawned processes; returns each rank's
+    ``out_dir/rank<r>.safetensors``. Fails the test if the workers hang."""
+    import time
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    def run(worker, out_dir: Path, timeout_s: float = 300) -> list:  # noqa: ANN001
+        ctx = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=2, join=False,
+                                 start_method="spawn")  # fmt: skip
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("distributed workers hung")
+        return [load_file(str(Path(out_dir) / f"rank{r}.safetensors")) for r in range(2)]
+
+    return run

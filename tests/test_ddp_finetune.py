@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pytest
 import torch
-import torch.multiprocessing as mp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from medssl_cli import distributed
 from medssl_cli.distributed import Dist, detect
@@ -22,12 +18,6 @@ from medssl_cli.stages import full_ft
 
 GLOBAL_BATCH = 11  # odd: the ranks get 6 and 5 images
 CLASSES = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _parts() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -76,18 +66,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
-def test_two_gloo_ranks_full_ft_step_equals_one_process(tmp_path: Path) -> None:
+def test_two_gloo_ranks_full_ft_step_equals_one_process(tmp_path: Path, two_gloo_ranks) -> None:  # noqa: ANN001
     """2 ranks (6 + 5 images, DDP, synchronised BN, loss scaled by W/B) == 1 process on all 11 images,
     float64: loss, backbone and head gradients and BN running statistics to 1e-8."""
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers hung")
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    ranks = two_gloo_ranks(_worker, tmp_path, 300)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -120,14 +102,14 @@ def test_rank_slices_partition_a_batch() -> None:
     assert torch.equal(torch.cat(parts), b) and [len(p) for p in parts] == [4, 4, 3]
 
 
-def test_torchrun_full_grid_two_ranks(synth_root: Path, tmp_path: Path) -> None:
+def test_torchrun_full_grid_two_ranks(synth_root: Path, tmp_path: Path, port: int) -> None:
     """torchrun, 2 CPU ranks: one grid, one set of cell files, world size 2 recorded, per-rank logs; the
     linear cell runs on rank 0 while rank 1 waits."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MEDSSL_NO_PROGRESS": "1",
            "OMP_NUM_THREADS": "1", "MEDSSL_DIST_TIMEOUT": "3"}  # fmt: skip
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           f"--master-port={_free_port()}", "-m", "medssl_cli.cli", "finetune", "--init", "random",
+           f"--master-port={port}", "-m", "medssl_cli.cli", "finetune", "--init", "random",
            "--mode", "linear,full", "--fraction", "1", "--seeds", "0", "--epochs", "2", "--batch-size", "16",
            "--datasets", "synthetic_organs_axial", "--image-size", "32", "--device", "cpu",
            "--runs-root", str(runs), "--data-dir", str(synth_root)]  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from medssl_cli import checkpoint, cluster, distributed
@@ -144,12 +142,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         Path(f"{out}/rank{rank}.json").write_text(json.dumps(seen))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
@@ -158,7 +150,7 @@ def _cat(d: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return torch.cat([v.double().flatten() for k, v in sorted(d.items()) if k.startswith(prefix)])
 
 
-def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path: Path) -> None:
+def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path: Path, two_gloo_ranks) -> None:  # noqa: ANN001
     """2 ranks x 8 images (DDP, synchronised BN, all-reduced loss) == 1 process x 16 images.
 
     float64: loss, every gradient, the weights after an SGD step and the BN running statistics agree
@@ -168,15 +160,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path: Path)
     little gradient from one input to another (the forward stays continuous). One process on one
     rank's half is the control: it differs.
     """
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers hung")
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    ranks = two_gloo_ranks(_worker, tmp_path, 600)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

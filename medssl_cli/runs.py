@@ -40,8 +40,6 @@ from .errors import UserError
 from .io import read_json, write_json, write_yaml
 from .recipe import Recipe, from_dict
 
-STAGES = ("pretrain", "finetune", "grid", "evaluate", "tsne", "report", "demo")
-PARENT_STAGE = {"finetune": "pretrain", "evaluate": "finetune", "tsne": "pretrain"}
 STATUSES = ("running", "finished", "failed", "interrupted")
 LOG = logging.getLogger("medssl")
 

@@ -134,16 +134,20 @@ def test_frozen_backbone_bitwise_unchanged(linear) -> None:
     assert cell["backbone"]["state_hash"] == lb.key
 
 
+# Two random-init linear cells (fractions 0.5 and 1) on the axial plane at 32 px.
+TWO_CELLS = {
+    **FAST,
+    "finetune.inits": ["random"],
+    "finetune.fractions": [0.5, 1.0],
+    "finetune.seeds": [0],
+    "data.datasets": [AXIAL],
+    "data.image_size": 32,
+}
+
+
 def test_grid_resume_reruns_only_unfinished_cells(tmp_path, synth_root) -> None:
     runs = tmp_path / "runs"
-    ov = {
-        **FAST,
-        "finetune.inits": ["random"],
-        "finetune.fractions": [0.5, 1.0],
-        "finetune.seeds": [0],
-        "data.datasets": [AXIAL],
-        "data.image_size": 32,
-    }
+    ov = TWO_CELLS
     grid = finetune(ov, runs_root=runs, data_dir=synth_root)
     assert grid.manifest["parent"] is None and grid.status == "finished"
     cells = [grid.path / "cells" / c["name"] for c in grid.manifest["cells"]]
@@ -168,14 +172,7 @@ def test_cell_selection_shared_grid_dir(tmp_path, synth_root) -> None:
     gdir = tmp_path / "grid"
     gdir.mkdir()
     (gdir / "slurm-0.out").write_text("log of the array job\n")  # a folder made beforehand is adopted
-    ov = {
-        **FAST,
-        "finetune.inits": ["random"],
-        "finetune.fractions": [0.5, 1.0],
-        "finetune.seeds": [0],
-        "data.datasets": [AXIAL],
-        "data.image_size": 32,
-    }
+    ov = TWO_CELLS
     with pytest.raises(UserError, match="out of range"):
         finetune(ov, runs_root=tmp_path, grid_dir=gdir, cell=2, data_dir=synth_root)
     assert not (gdir / "run.json").exists()

@@ -37,8 +37,8 @@ def runs_root(value: Path | None) -> Path:
     return value if value is not None else default_runs_root()
 
 
-def build_recipe(recipe_file: Path | None, overrides: dict[str, Any], base: Any = None) -> Any:
-    """Defaults (or ``base``) < recipe file < CLI overrides (``None`` = not given)."""
+def build_recipe(recipe_file: Path | None, overrides: dict[str, Any]) -> Any:
+    """Defaults < recipe file < CLI overrides (``None`` = not given)."""
     from ..recipe import load_recipe, override
 
-    return override(load_recipe(recipe_file, base), overrides)
+    return override(load_recipe(recipe_file), overrides)

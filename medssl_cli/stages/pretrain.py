@@ -18,6 +18,7 @@ batch B/N compute what one process with batch B computes. Only rank 0 writes run
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -374,6 +375,16 @@ def _end_epoch(
     )
 
 
+@functools.cache
+def _labelled_split(
+    root: Path, ids: tuple[str, ...], task: str | None, size: int, channels: str, budget: float, split: str
+) -> Pool:
+    """A labelled split for the kNN monitor, read once per run (not at every monitored epoch)."""
+    return load_pool(
+        root, list(ids), [split], task=task, image_size=size, channels=channels, ram_budget_gb=budget
+    )
+
+
 def _knn_monitor(
     recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device, bf16: bool
 ) -> float:
@@ -382,12 +393,8 @@ def _knn_monitor(
     from ..probes import knn_predict
 
     d = recipe.data
-    root = pool.root
-    train, val = (
-        load_pool(root, pool.dataset_ids, [split], task=d.task, image_size=d.image_size,
-                  channels=d.channels, ram_budget_gb=d.ram_budget_gb)
-        for split in ("train", "val")
-    )  # fmt: skip
+    key = (pool.root, tuple(pool.dataset_ids), d.task, d.image_size, d.channels, d.ram_budget_gb)
+    train, val = (_labelled_split(*key, split) for split in ("train", "val"))
     norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
     f_train = extract(backbone, train.images, norm, device=device, bf16=bf16, show_progress=False)
     f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)

@@ -56,6 +56,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _match_param_layout(opt: torch.optim.Optimizer) -> None:
+    """Give each parameter-shaped state tensor its parameter's strides (channels_last convs).
+
+    Checkpoints hold contiguous tensors and ``load_state_dict`` moves them to the parameter's device and
+    dtype but not its memory format; fused CUDA Adam refuses state whose layout differs from the
+    parameter's ("must have same dtype, device, and layout").
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                same_shape = isinstance(value, torch.Tensor) and value.shape == p.shape
+                if same_shape and value.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def save(
     ckpt_dir: Path,
     step: int,
@@ -122,5 +137,6 @@ def load(
         ) from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta.pop("optimizer")))
+    _match_param_layout(optimizer)
     extra_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta, extra_tensors

@@ -92,6 +92,19 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def yaml_error_text(path: str | os.PathLike[str], exc: yaml.YAMLError) -> str:
+    """One line for a YAML file ``safe_load`` refused: a tag it will not construct (``!!python/...``
+    can run code, so it is refused, not merely unparsable) or a syntax error, with its position."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = str(getattr(exc, "problem", "") or "")
+    if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
+        tag = problem.split("'")[1] if problem.count("'") >= 2 else "?"
+        tag = tag.replace("tag:yaml.org,2002:", "!!")
+        return f"{path} uses the YAML tag {tag}{where}, which medssl refuses (such tags can run code)."
+    return f"{path} is not valid YAML{where}."
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()

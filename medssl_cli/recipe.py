@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import UserError, did_you_mean
+from .io import yaml_error_text
 
 
 @dataclass
@@ -80,7 +81,7 @@ class PretrainRecipe:
     lambd: float = 0.0051
     checkpoint_every: int = 10  # epochs
     knn_every: int = 0  # epochs; 0 = off. kNN accuracy on val (monitor only)
-    chunk_size: int = 0  # >0: backbone passes in chunks, one full-batch loss (see stages/pretrain.py)
+    chunk_size: int = 0  # >0: backbone passes in chunks, one full-batch loss (see chunked.py)
 
 
 @dataclass
@@ -121,7 +122,8 @@ class ComputeRecipe:
     device: str = "auto"  # auto: CUDA if present, else CPU
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where supported
     channels_last: Literal["auto", "on", "off"] = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile the training step's network (pretrain)
+    overlap_views: bool = True  # CUDA: make the next step's views on a side stream during this step
     threads: int = 0  # 0: torch's default
     device_budget_gb: float = 4.0  # keep uint8 training images on the device below this
 
@@ -253,9 +255,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"Recipe file {p} is not valid YAML{where}.", "Fix the syntax and retry.") from None
+        raise UserError(f"Recipe file {yaml_error_text(p, exc)}", "Fix the file and retry.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,7 +24,7 @@ import pytest
 
 from medssl_cli import io as mio
 from medssl_cli.cli import main
-from medssl_cli.data.synth import TaskSpec, write_mimeta_dataset
+from medssl_cli.data.mimeta_format import TaskSpec, write_mimeta_dataset
 from medssl_cli.io import read_json, write_json
 from medssl_cli.models import backbone_meta, build_backbone, load_weights, save_weights
 

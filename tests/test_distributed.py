@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medssl_cli import checkpoint, cluster, distributed
+from medssl_cli.batches import epoch_order, rank_batch
 from medssl_cli.distributed import Dist, detect, expand_nodelist, tasks_per_node
 from medssl_cli.errors import UserError
 from medssl_cli.models import build_pretrain_net
@@ -67,12 +68,12 @@ def test_detect_torchrun_slurm_and_alone() -> None:
 
 
 def test_rank_batches_partition_the_global_batch() -> None:
-    order = stage.epoch_order(100, seed=3, epoch=2)
+    order = epoch_order(100, seed=3, epoch=2)
     for s in range(3):
-        parts = [stage.rank_batch(order, s, 32, Dist(rank=r, world_size=4)) for r in range(4)]
+        parts = [rank_batch(order, s, 32, Dist(rank=r, world_size=4)) for r in range(4)]
         assert all(len(p) == 8 for p in parts)
         assert torch.equal(torch.cat(parts), order[s * 32 : (s + 1) * 32])
-        assert torch.equal(stage.rank_batch(order, s, 32, Dist()), order[s * 32 : (s + 1) * 32])
+        assert torch.equal(rank_batch(order, s, 32, Dist()), order[s * 32 : (s + 1) * 32])
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def _step(
     """One pretraining step (this rank's half of a fixed batch); returns the loss, the gradients and the
     state after the step (weights, BN running statistics), keys prefixed with the dtype."""
     v1, v2 = _views(dtype)
-    idx = stage.rank_batch(torch.arange(GLOBAL_BATCH), 0, GLOBAL_BATCH, d)
+    idx = rank_batch(torch.arange(GLOBAL_BATCH), 0, GLOBAL_BATCH, d)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     loss, _, _ = stage.train_step(model, opt, v1[idx], v2[idx], LAMBD, False, d.world_size)
     out = {"loss": loss.reshape(1)}

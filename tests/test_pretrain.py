@@ -70,7 +70,13 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(
 ) -> None:
     r = tiny(**{"pretrain.epochs": 3})
     a = stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / "a")
-    b = stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / "b")
+    # compute.compile wraps the training network in torch.compile (here a recording stand-in: compiling
+    # for real takes tens of seconds on this CPU); the weights are those of the plain run.
+    compiled: list[torch.nn.Module] = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    b = stage.pretrain(override(r, {"compute.compile": True}), data_dir=synth_root, runs_root=tmp_path / "b")
+    monkeypatch.undo()
+    assert len(compiled) == 1 and compiled[0] is not None
     assert same(weights(a), weights(b))
 
     # Interrupt in the middle of epoch 2 (a mid-epoch checkpoint), then resume.
@@ -96,6 +102,28 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(
     ha = [json.loads(x) for x in a.file("history.jsonl").read_text().splitlines()]
     hc = [json.loads(x) for x in c.file("history.jsonl").read_text().splitlines()]
     assert [h["loss"] for h in ha] == [h["loss"] for h in hc]
+
+
+def test_checkpoint_restores_optimizer_state_in_the_parameters_layout(tmp_path: Path) -> None:
+    # channels_last convs (the CUDA default) with contiguous checkpoint tensors: fused CUDA Adam refuses
+    # state whose strides differ from the parameter's, so a resumed GPU run failed at its first step.
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+        net = net.to(memory_format=torch.channels_last)
+        return net, torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    net, opt = build()
+    net(x).sum().backward()
+    opt.step()
+    checkpoint.save(tmp_path, 1, net, opt, {})
+    net2, opt2 = build()
+    checkpoint.load(checkpoint.latest(tmp_path), net2, opt2)
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt2.state[q][key].stride() == q.stride()
+            assert torch.equal(opt2.state[q][key], opt.state[p][key])
 
 
 def test_nan_loss_stops_with_failed_status_and_keeps_checkpoint(

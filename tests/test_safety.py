@@ -193,14 +193,14 @@ def test_yaml_python_tags_are_refused(tmp_path: Path, synth_root, capsys) -> Non
     recipe.write_text(f"pretrain:\n  epochs: {tag}\n")
     code, text = run_cli(["pretrain", "--recipe", str(recipe), "--data-dir", str(synth_root),
                           "--runs-root", str(tmp_path / "runs")], capsys)  # fmt: skip
-    assert code == 2 and "is not valid YAML" in one_error(text)
+    assert code == 2 and "uses the YAML tag" in one_error(text) and "refuses" in one_error(text)
     root = tmp_path / "data"
     shutil.copytree(synth_root / AXIAL, root / AXIAL)
     info = root / AXIAL / "info.yaml"
     info.write_text(info.read_text().replace("domain:", f"extra: {tag}\ndomain:", 1))
     code, text = run_cli(["pretrain", "--datasets", AXIAL, "--data-dir", str(root),
                           "--runs-root", str(tmp_path / "runs")], capsys)  # fmt: skip
-    assert code == 2 and "info.yaml is not valid YAML" in one_error(text)
+    assert code == 2 and "info.yaml uses the YAML tag" in one_error(text)
     assert not marker.exists()
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -267,8 +267,8 @@ ALLOWED_WRITES = {
     ("medssl_cli/stages/grid.py", "*.touch"): "the empty .grid-claim marker",
     ("medssl_cli/stages/grid.py", "os.open"): "the empty .grid-claim marker (O_EXCL)",
     ("medssl_cli/features.py", "open(a+)"): "feature cache lock files (flock; no content)",
-    ("medssl_cli/data/synth.py", "h5py.File(w)"): "_write_hdf5, called through io.write_with",
-    ("medssl_cli/data/synth.py", "np.save"): "into an in-memory buffer, then io.write_bytes",
+    ("medssl_cli/data/mimeta_format.py", "h5py.File(w)"): "_write_hdf5, called through io.write_with",
+    ("medssl_cli/data/mimeta_format.py", "np.save"): "into an in-memory buffer, then io.write_bytes",
 }
 WRITERS = {"*.write_text", "*.write_bytes", "*.savefig", "*.to_csv", "*.tofile", "*.touch", "*.save_file",
            "save_file", "torch.save", "np.save", "np.savez", "np.savez_compressed", "numpy.save", "json.dump",

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from medssl_cli.data import synth
-from medssl_cli.data.synth import CRC_LABELS, ORGAN_LABELS, TaskSpec, make_synthetic, write_mimeta_dataset
+from medssl_cli.data import mimeta_format, synth
+from medssl_cli.data.mimeta_format import TaskSpec, write_mimeta_dataset
+from medssl_cli.data.synth import CRC_LABELS, ORGAN_LABELS, make_synthetic
 from medssl_cli.errors import UserError
 
 SIZE = 32
@@ -171,7 +172,7 @@ def test_crash_mid_write_leaves_nothing(tmp_path, monkeypatch, victim):
     def boom(*args, **kwargs):
         raise RuntimeError("injected crash")
 
-    monkeypatch.setattr(synth, victim, boom)
+    monkeypatch.setattr(mimeta_format, victim, boom)
     for did in ("new", "old"):
         with pytest.raises(RuntimeError, match="injected"):
             write_mimeta_dataset(tmp_path, did, images + 1, tasks, splits, overwrite=True)

@@ -37,6 +37,9 @@ def pretrain(
         None, "--gray-mode", help="1-channel data: replicate (to 3 channels) or native (1-channel conv1)."
     ),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 where native), bf16 or fp32."),
+    compile_net: bool = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the network (long GPU runs: ~1.3x faster)."
+    ),
     knn_every: int = typer.Option(None, "--knn-every", help="kNN val accuracy every K epochs (0: off)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Checkpoint every N epochs."),
     seed: int = common.SEED,
@@ -78,6 +81,7 @@ def pretrain(
             "compute.seed": seed,
             "compute.device": device,
             "compute.precision": precision,
+            "compute.compile": compile_net,
         },
     )
     # A graceful stop raises Interrupted; cli.main prints it and exits with 128 + the signal number.

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError, did_you_mean
+from ..io import yaml_error_text
 
 ZENODO = "https://zenodo.org/records/7884735"
 ALIASES: dict[str, list[str]] = {
@@ -51,8 +52,8 @@ def validate_info(path: Path) -> dict[str, Any]:
     """Parse and check one ``info.yaml``; every problem is a UserError naming the file."""
     try:
         info = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        raise UserError(f"{path} is not valid YAML.", "Restore the file from the MIMeta download.") from None
+    except yaml.YAMLError as exc:
+        raise UserError(yaml_error_text(path, exc), "Restore the file from the MIMeta download.") from None
     if not isinstance(info, dict):
         raise UserError(f"{path} must hold a mapping.", "Restore the file from the MIMeta download.")
     missing = [k for k in REQUIRED_INFO if k not in info]

@@ -1,0 +1,155 @@
+"""What a pretrain run records: per-epoch history (with the optional kNN monitor), checkpoints with
+the accumulators and RNG state for an exact resume, and at the end the weights, metrics and loss plot.
+
+Split from ``stages/pretrain.py`` (the training loop) so the loop reads in one sitting; the run
+directory layout is described there.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__, checkpoint, compute
+from ..batches import NORM_MEAN, NORM_STD
+from ..data.pool import Pool, load_pool
+from ..io import append_jsonl, read_jsonl, write_json
+from ..models import PretrainNet, backbone_meta, save_weights
+from ..plots import loss_curve
+from ..recipe import Recipe
+from ..runs import Run
+
+LOG = logging.getLogger("medssl")
+
+
+def zero_acc(device: torch.device) -> dict[str, Any]:
+    z = {k: torch.zeros((), device=device) for k in ("acc_loss", "acc_on", "acc_off", "acc_n")}
+    z["time"] = 0.0
+    return z
+
+
+def save_checkpoint(
+    run: Run, net: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, acc: dict[str, Any]
+) -> None:
+    tensors = {k: v for k, v in acc.items() if k.startswith("acc_")}
+    rng = compute.rng_state()
+    tensors.update({f"rng_{k}": v for k, v in rng.items() if isinstance(v, torch.Tensor)})
+    plain = {k: v for k, v in rng.items() if not isinstance(v, torch.Tensor)}
+    extra = {"acc_time": acc["time"], "rng": plain}
+    checkpoint.save(run.file("checkpoint"), step, net, optimizer, extra, tensors)
+
+
+def truncate_history(run: Run, epochs: int) -> None:
+    """Keep the history of the first ``epochs`` epochs."""
+    from ..io import write_text
+
+    keep = [h for h in read_jsonl(run.file("history.jsonl")) if h["epoch"] <= epochs]
+    write_text(run.file("history.jsonl"), "".join(json.dumps(h) + "\n" for h in keep))
+
+
+def end_epoch(
+    run: Run,
+    recipe: Recipe,
+    pool: Pool,
+    net: torch.nn.Module,
+    epoch: int,
+    step: int,
+    lr: float,
+    acc: dict[str, Any],
+    device: torch.device,
+    bf16: bool,
+) -> None:
+    n = max(acc["acc_n"].item(), 1)
+    loss, on_d, off_d = (acc[k].item() / n for k in ("acc_loss", "acc_on", "acc_off"))
+    row: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "step": step,
+        "loss": loss,
+        "on_diag": on_d,
+        "off_diag": off_d,
+        "off_diag_weighted": recipe.pretrain.lambd * off_d,
+        "lr": lr,
+        "samples_per_s": n * recipe.pretrain.batch_size / max(acc["time"], 1e-9),
+        "time_s": acc["time"],
+    }
+    k = recipe.pretrain.knn_every
+    if k and ((epoch + 1) % k == 0 or epoch + 1 == recipe.pretrain.epochs):
+        row["knn_val_accuracy"] = _knn_monitor(recipe, pool, net.backbone, device, bf16)
+        net.train()
+    append_jsonl(run.file("history.jsonl"), row)
+    LOG.info(
+        f"epoch {epoch + 1}/{recipe.pretrain.epochs}: loss {loss:.2f} (on-diag {on_d:.2f}, "
+        f"off-diag {off_d:.1f}) lr {lr:.2e} {row['samples_per_s']:.1f} samples/s"
+        + (f", kNN val acc {row['knn_val_accuracy']:.3f}" if "knn_val_accuracy" in row else "")
+    )
+
+
+@functools.cache
+def _labelled_split(
+    root: Path, ids: tuple[str, ...], task: str | None, size: int, channels: str, budget: float, split: str
+) -> Pool:
+    """A labelled split for the kNN monitor, read once per run (not at every monitored epoch)."""
+    return load_pool(
+        root, list(ids), [split], task=task, image_size=size, channels=channels, ram_budget_gb=budget
+    )
+
+
+def _knn_monitor(
+    recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device, bf16: bool
+) -> float:
+    """kNN (k=20, cosine) accuracy of the backbone's features, train -> val. Labels only monitor."""
+    from ..features import extract
+    from ..probes import knn_predict
+
+    d = recipe.data
+    key = (pool.root, tuple(pool.dataset_ids), d.task, d.image_size, d.channels, d.ram_budget_gb)
+    train, val = (_labelled_split(*key, split) for split in ("train", "val"))
+    norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
+    f_train = extract(backbone, train.images, norm, device=device, bf16=bf16, show_progress=False)
+    f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)
+    pred = knn_predict(
+        f_train, torch.as_tensor(train.labels), f_val, k=recipe.evaluate.knn_k, num_classes=train.num_classes
+    )
+    return float((pred.cpu() == torch.as_tensor(val.labels)).float().mean())
+
+
+def finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
+    meta = backbone_meta(pool.channels, recipe.model.gray_mode, pool.image_size)
+    meta.update(
+        norm_mean=json.dumps([NORM_MEAN] * pool.channels),
+        norm_std=json.dumps([NORM_STD] * pool.channels),
+        datasets=json.dumps(pool.dataset_ids),
+        recipe_hash=recipe.hash(),
+        medssl_version=__version__,
+        init="ssl",
+    )
+    save_weights(run.file("weights", "backbone.safetensors"), net.backbone, meta)
+    save_weights(
+        run.file("weights", "projector.safetensors"),
+        net.projector,
+        {**meta, "projector": json.dumps(recipe.model.projector)},
+    )
+    history = read_jsonl(run.file("history.jsonl"))
+    loss_curve(history, run.file("plots", "loss.png"))
+    first, last = history[0], history[-1]
+    metrics = {
+        "epochs": len(history),
+        "final_loss": last["loss"],
+        "first_epoch_loss": first["loss"],
+        "loss_drop": 1 - last["loss"] / first["loss"] if first["loss"] else None,
+        "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history),
+        "train_time_s": sum(h["time_s"] for h in history),
+    }
+    if "knn_val_accuracy" in last:
+        metrics["knn_val_accuracy"] = last["knn_val_accuracy"]
+    write_json(run.file("metrics.json"), metrics)
+    run.set_status("finished", metrics=metrics)
+    LOG.info(
+        f"Pretraining finished: loss {first['loss']:.1f} -> {last['loss']:.1f}. Weights: "
+        f"{run.file('weights', 'backbone.safetensors')}"
+    )

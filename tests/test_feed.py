@@ -1,0 +1,93 @@
+"""ViewFeed: the views each pretraining step trains on, made in line or ahead on a side CUDA stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl_cli.augment import make_pair, normalize
+from medssl_cli.batches import BatchSource, ViewFeed, epoch_order, view_generator
+from medssl_cli.data.pool import load_pool
+from medssl_cli.distributed import Dist
+from medssl_cli.recipe import ViewsRecipe
+
+PLANES = ["synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal"]
+
+
+def feed_for(
+    pool, device: torch.device, *, budget_gb: float = 4.0, overlap: bool, batch: int = 16
+) -> ViewFeed:
+    return ViewFeed(
+        pool,
+        BatchSource(pool, device, budget_gb),
+        ViewsRecipe(),
+        batch_size=batch,
+        seed=3,
+        dist=Dist(),
+        device=device,
+        channels_last=True,
+        total_steps=10,
+        overlap=overlap,
+    )
+
+
+def test_feed_makes_the_training_loops_views(synth_root: Path) -> None:
+    pool = load_pool(synth_root, PLANES[:1], ["train"], image_size=32, supervised=False)
+    feed = feed_for(pool, torch.device("cpu"), overlap=True)  # CPU: no side stream, made in line
+    assert feed.side is None
+    spe = len(pool) // 16
+    assert spe >= 2
+    step = spe + 1  # second epoch, second batch
+    order = epoch_order(len(pool), 3, 1)
+    x = pool.images[order[16:32]]
+    g = view_generator(3, step, 0, torch.device("cpu"))
+    want = [normalize(v, (0.5,), (0.5,)) for v in make_pair(x, ViewsRecipe(), 32, g)]
+    got = feed(step)
+    for w, v in zip(want, got, strict=True):
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(w, v)
+    # One epoch of steps visits each pool row at most once (full batches only).
+    rows = torch.cat([feed.indices(s) for s in range(spe)])
+    assert len(set(rows.tolist())) == spe * 16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("budget_gb", [4.0, 0.0])  # images on the device / streamed from pinned memory
+def test_side_stream_views_equal_inline_views(synth_root: Path, budget_gb: float) -> None:
+    pool = load_pool(synth_root, PLANES, ["train"], image_size=32, supervised=False)
+    dev = torch.device("cuda")
+    ahead = feed_for(pool, dev, budget_gb=budget_gb, overlap=True)
+    inline = feed_for(pool, dev, budget_gb=budget_gb, overlap=False)
+    assert ahead.side is not None and ahead.source.on_device == (budget_gb > 0)
+    net = torch.nn.Conv2d(1, 8, 3).cuda().to(memory_format=torch.channels_last)
+    # Steps 0-5, then a jump (a resume at step 8) and the last step (nothing is made past the total).
+    for step in [0, 1, 2, 3, 4, 5, 8, 9]:
+        a = ahead(step)
+        # Main-stream work on the pair while the side stream makes the next one, as in training.
+        out = sum(net(v).float().square().mean() for v in a)
+        b = inline(step)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out)
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
+    assert ahead._ahead is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("budget_gb", [4.0, 0.0])
+def test_feed_never_blocks_the_host(synth_root: Path, budget_gb: float) -> None:
+    # A blocking call (a pageable host-to-device copy, .item(), a sync) would stop the host from
+    # queueing the next step while the GPU trains, so the views could not overlap the step.
+    pool = load_pool(synth_root, PLANES, ["train"], image_size=32, supervised=False)
+    feed = feed_for(pool, torch.device("cuda"), budget_gb=budget_gb, overlap=True)
+    feed(0)  # the epoch's order goes to the device once, here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, feed.spe):  # the rest of the epoch
+            feed(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

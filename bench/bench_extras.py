@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import torch
-from bench_pipeline import Pipeline, build, fmt_name, make_pool
+from bench_pipeline import Pipeline, build, fmt_name, make_pool, view_feed
 from timing import count_flops, interleave, matmul_fn, median_ratio, peak_rss_gb, sync
 
 from medssl_cli import compute
@@ -24,8 +24,7 @@ def profile_views(args: argparse.Namespace, device: torch.device, size: int, bat
 
     pool = make_pool(max(args.pool, batch), args.channels, size)
     cl = compute.use_channels_last(device, args.channels_last, size)
-    net, opt = build(device, args.channels, [64, 64], False, batch)
-    feed = Pipeline(pool, net, opt, batch, device, False, cl, args.device_budget_gb).feed
+    feed = view_feed(pool, device, batch, cl, args.device_budget_gb)
     for s in range(2):
         feed.make(s)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -45,9 +45,37 @@ def make_pool(n: int, channels: int, size: int, seed: int = 0) -> RamPool:
     return RamPool(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g))
 
 
+def view_feed(
+    pool: RamPool,
+    device: torch.device,
+    batch: int,
+    channels_last: bool,
+    budget_gb: float,
+    *,
+    source: BatchSource | None = None,
+    views: ViewsRecipe | None = None,
+    seed: int = 0,
+    overlap: bool = True,
+) -> ViewFeed:
+    """``batches.ViewFeed`` as the training loop builds it (one process, unbounded steps)."""
+    return ViewFeed(
+        pool,  # type: ignore[arg-type]
+        source or BatchSource(pool, device, budget_gb),  # type: ignore[arg-type]
+        views or ViewsRecipe(),
+        batch_size=batch,
+        seed=seed,
+        dist=Dist(),
+        device=device,
+        channels_last=channels_last,
+        total_steps=10**12,
+        overlap=overlap,
+    )
+
+
 class Pipeline:
     """The per-step body of ``stages.pretrain._train`` (one process), on a fixed net and optimizer:
-    ``batches.ViewFeed`` (as the training loop: on CUDA the next step's views overlap this step)."""
+    ``batches.ViewFeed`` (as the training loop: on CUDA the next step's views overlap this step).
+    ``source``: share another pipeline's ``BatchSource`` (its copy of the pool on the device)."""
 
     def __init__(
         self,
@@ -63,22 +91,21 @@ class Pipeline:
         lambd: float = 0.0051,
         seed: int = 0,
         overlap: bool = True,
+        source: BatchSource | None = None,
     ) -> None:
-        self.pool, self.net, self.opt, self.batch = pool, net, opt, batch
-        self.device, self.bf16, self.lambd = device, bf16, lambd
-        self.source = BatchSource(pool, device, budget_gb)  # type: ignore[arg-type]
-        self.feed = ViewFeed(
-            pool,  # type: ignore[arg-type]
-            self.source,
-            views or ViewsRecipe(),
-            batch_size=batch,
+        self.net, self.opt, self.bf16, self.lambd = net, opt, bf16, lambd
+        self.feed = view_feed(
+            pool,
+            device,
+            batch,
+            channels_last,
+            budget_gb,
+            source=source,
+            views=views,
             seed=seed,
-            dist=Dist(),
-            device=device,
-            channels_last=channels_last,
-            total_steps=10**12,
             overlap=overlap,
         )
+        self.source = self.feed.source
         self.sync_every = 1 if device.type == "cpu" else 25  # as the training loop
         self.step = 0
 

@@ -80,7 +80,9 @@ def measure_config(args: argparse.Namespace, device: torch.device, size: int, ba
         "M": mm,
     }
     if pipe.feed.side is not None:  # also B with the views made in line, to show what the overlap buys
-        inline = Pipeline(pool, net, opt, batch, device, bf16, cl, args.device_budget_gb, overlap=False)
+        inline = Pipeline(
+            pool, net, opt, batch, device, bf16, cl, args.device_budget_gb, overlap=False, source=pipe.source
+        )
         fns["I"] = inline.full_step
     times, reps = interleave(fns, device, args.rounds, args.warmup, args.target_s)
     a, b, v = (statistics.median(times[x]) for x in "ABV")

@@ -252,7 +252,8 @@ def fit_lbfgs(
                 max_iter=max_iter,
             )
             wr, b = theta[: k * r].reshape(k, r) * s, theta[k * r :]
-            w32, b32 = (wr @ u.T).astype(np.float32), b.astype(np.float32)
+            w = wr @ u.T  # back from the eigenbasis: (K, D)
+            w32, b32 = w.astype(np.float32), b.astype(np.float32)
             acc, vloss = _val_score(torch.from_numpy(zv @ w32.T + b32), yv)
             gm = _max_grad(grad, s, ut, k)
             history.append(
@@ -270,7 +271,7 @@ def fit_lbfgs(
             )
             key = (acc, -vloss, -c)  # higher val accuracy, then lower val loss, then the smaller C
             if best is None or key > best[0]:
-                best, stale = (key, wr @ u.T, b.copy(), c), 0
+                best, stale = (key, w, b.copy(), c), 0
             else:
                 stale += 1
     assert best is not None

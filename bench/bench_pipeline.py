@@ -56,6 +56,8 @@ def view_feed(
     views: ViewsRecipe | None = None,
     seed: int = 0,
     overlap: bool = True,
+    compile_views: bool = False,
+    blur: str = "conv",
 ) -> ViewFeed:
     """``batches.ViewFeed`` as the training loop builds it (one process, unbounded steps)."""
     return ViewFeed(
@@ -69,6 +71,8 @@ def view_feed(
         channels_last=channels_last,
         total_steps=10**12,
         overlap=overlap,
+        compile_views=compile_views,
+        blur=blur,
     )
 
 
@@ -92,6 +96,8 @@ class Pipeline:
         seed: int = 0,
         overlap: bool = True,
         source: BatchSource | None = None,
+        compile_views: bool = False,
+        blur: str = "conv",
     ) -> None:
         self.net, self.opt, self.bf16, self.lambd = net, opt, bf16, lambd
         self.feed = view_feed(
@@ -104,6 +110,8 @@ class Pipeline:
             views=views,
             seed=seed,
             overlap=overlap,
+            compile_views=compile_views,
+            blur=blur,
         )
         self.source = self.feed.source
         self.sync_every = 1 if device.type == "cpu" else 25  # as the training loop

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session: CUDA correctness (tests, the CLI end to end) and the benchmarks at 224 px.
 # Run from the repository root on a CUDA machine:  bash bench/gpu_check.sh [OUT_DIR]
-# Writes into OUT_DIR (default $OUT, else ./gpu-out): log.txt, pre.json, stream.json, feat.json,
-# variants.json, demo-summary.json.
-# MEDSSL_CHECK_STEPS picks steps (default: pre stream feat tests cli variants), in that order. Each
+# Writes into OUT_DIR (default $OUT, else ./gpu-out): log.txt, pre.json, views.json, stream.json,
+# feat.json, variants.json, demo-summary.json.
+# MEDSSL_CHECK_STEPS picks steps (default: pre views stream feat tests cli variants), in that order. Each
 # step has its own time limit, so one slow or failing step leaves the others' results.
 # MEDSSL_CHECK_DEVICE=cpu MEDSSL_CHECK_QUICK=1 dry-runs it on a CPU. Packages the machine lacks
 # (mimeta-pytorch and its imports) can travel as wheels in ./.whl (see bench/README.md).
@@ -76,6 +76,9 @@ cli() {  # pretrain (demo recipe, compiled), linear + full fine-tuning, evaluate
 pre() {  # pretraining throughput at the study's batch (256), training images on the device
     step bench_pre 110 python3 bench/pretrain_throughput.py --devices "$DEV" --sizes 224,64 --batches 256 --rounds 4 --target-s 1.5 --profile-views $B --json "$OUT/pre.json"
 }
+views() {  # B/A with the views compiled and/or the blur as banded matmuls (same rounds as the default)
+    step bench_views 200 python3 bench/pretrain_throughput.py --devices "$DEV" --sizes 224 --batches 256 --view-variants --rounds 3 --target-s 1.0 $B --json "$OUT/views.json"
+}
 stream() {  # the same at 224 px with the images streamed from pinned host memory
     step bench_stream 50 python3 bench/pretrain_throughput.py --devices "$DEV" --sizes 224 --batches 256 --device-budget-gb 0 --rounds 3 --target-s 1.5 $B --json "$OUT/stream.json"
 }
@@ -87,6 +90,6 @@ variants() {  # defaults: dtype x memory format, foreach vs fused Adam, cudnn.be
     step bench_variants 150 python3 bench/pretrain_throughput.py --devices "$DEV" --sizes 224 --batches 256 --variants --compile --rounds 2 --warmup 1 --target-s 1.0 $B --json "$OUT/variants.json"
 }
 
-for s in ${MEDSSL_CHECK_STEPS:-pre stream feat tests cli variants}; do "$s"; done
+for s in ${MEDSSL_CHECK_STEPS:-pre views stream feat tests cli variants}; do "$s"; done
 rm -rf "$WORK"
 echo "done $(date -u)" | tee -a "$LOG"

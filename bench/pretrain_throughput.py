@@ -16,6 +16,8 @@ and ratios are medians of per-round ratios, which cancels slow load drift on a s
 - M, matmul peak: an n x n matmul (default 4096) in the step's dtype (fp32, or bf16 under autocast).
 - FLOPs per sample (1 sample = 2 views) are counted once with ``torch.utils.flop_counter`` on one step
   (2 FLOPs per multiply-add); achieved GFLOP/s = FLOPs/sample x samples/s; efficiency = that / M.
+- ``--view-variants``: B and V again with the views ``torch.compile``d and/or the blur as banded
+  matmuls (``blur.IMPLS``), in the same rounds: B/A and the views' speed-up for each.
 - ``--variants``: A with every dtype x memory format (and ``--compile``; non-fused Adam and
   cudnn.benchmark on CUDA), each as a ratio to the default A.
 - ``--chunk K``: plain vs ``chunked.chunked_train_step`` at ``--chunk-batch`` (256) and
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from timing import (  # noqa: E402
     parse_ints,
     peak_rss_gb,
     resolve_devices,
+    sync,
 )
 
 from medssl_cli import compute  # noqa: E402
@@ -84,6 +88,7 @@ def measure_config(args: argparse.Namespace, device: torch.device, size: int, ba
             pool, net, opt, batch, device, bf16, cl, args.device_budget_gb, overlap=False, source=pipe.source
         )
         fns["I"] = inline.full_step
+    view_variants = add_view_variants(args, fns, pipe, pool, net, opt, batch, device, bf16, cl)
     times, reps = interleave(fns, device, args.rounds, args.warmup, args.target_s)
     a, b, v = (statistics.median(times[x]) for x in "ABV")
     peak = mm_flops / statistics.median(times["M"]) / 1e9
@@ -132,8 +137,58 @@ def measure_config(args: argparse.Namespace, device: torch.device, size: int, ba
     out["raw_s"] = times  # per-round seconds per call, to judge the noise
     if mem:
         out["cuda_peak_mem_gb"] = {k: v / 2**30 for k, v in mem.items()}
+    if view_variants:
+        out["view_variants"] = [
+            {
+                "name": name,
+                "b_over_a": median_ratio(times["A"], times[f"B:{name}"]),
+                "views_samples_per_s": batch / statistics.median(times[f"V:{name}"]),
+                "views_x_default": median_ratio(times["V"], times[f"V:{name}"]),
+                "compile_s": compile_s,
+            }
+            for name, compile_s in view_variants.items()
+        ]
     if args.variants:
         out["variants"] = measure_variants(args, device, size, batch, net, v1, v2, bf16, cl)
+    return out
+
+
+# name: (torch.compile the views, blur implementation)
+VIEW_VARIANTS = {
+    "compiled": (True, "conv"),
+    "matmul-blur": (False, "matmul"),
+    "compiled+matmul-blur": (True, "matmul"),
+}
+
+
+def add_view_variants(
+    args: argparse.Namespace,
+    fns: dict[str, Any],
+    pipe: Pipeline,
+    pool: Any,
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: int,
+    device: torch.device,
+    bf16: bool,
+    cl: bool,
+) -> dict[str, float | None]:
+    """With ``--view-variants``: a pipeline per variant (sharing the pool's device copy) as B:name and
+    V:name in ``fns``. Compiled ones compile here, timed. Returns {name: compile seconds or None}."""
+    out: dict[str, float | None] = {}
+    if not args.view_variants:
+        return out
+    for name, (comp, blur) in VIEW_VARIANTS.items():
+        p = Pipeline(
+            pool, net, opt, batch, device, bf16, cl, args.device_budget_gb,
+            source=pipe.source, compile_views=comp, blur=blur,
+        )  # fmt: skip
+        sync(device)
+        t0 = time.perf_counter()
+        p.views_only()  # compiles, if compiled
+        sync(device)
+        out[name] = time.perf_counter() - t0 if comp else None
+        fns[f"B:{name}"], fns[f"V:{name}"] = p.full_step, p.views_only
     return out
 
 
@@ -156,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--target-s", type=float, default=2.0, help="seconds per timed block (more calls if fast)")
     p.add_argument("--matmul-n", type=int, default=4096)
+    p.add_argument(
+        "--view-variants", action="store_true", help="also B and the views compiled / with the matmul blur"
+    )
     p.add_argument("--variants", action="store_true", help="also dtype x memory format (x compile) for A")
     p.add_argument("--compile", action="store_true", help="with --variants: a torch.compile variant")
     p.add_argument("--chunk", type=int, default=0, help="K > 0: plain vs chunked (chunks of K) step")
@@ -221,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     if prof:
         cols = "device px batch op ms/batch=ms_per_batch share calls_per_batch"
         tables.append(("Views: ops by self time", cols, prof))
+    vv = [{**v, "device": r["device"], "px": r["image_size"], "batch": r["batch"]}
+          for r in results for v in r.get("view_variants", [])]  # fmt: skip
+    if vv:
+        cols = "device px batch variant=name B/A=b_over_a views_samples/s=views_samples_per_s "
+        cols += "views_x_default=views_x_default compile_s"
+        title = "View variants (B/A, and the views' speed-up vs the default views, same rounds)"
+        tables.append((title, cols, vv))
     variants = [{**v, "device": r["device"], "px": r["image_size"], "batch": r["batch"]}
                 for r in results for v in r.get("variants", [])]  # fmt: skip
     if variants:

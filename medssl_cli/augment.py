@@ -20,7 +20,8 @@ Pipeline (Zbontar et al. 2021, appendix; BYOL's augmentations), in this order:
 3. Grayscale with probability ``grayscale_p`` (3-channel only; torchvision's luma weights).
 4. Gaussian blur with probability ``blur_p``, sigma ~ U(blur_sigma) given at 224 px and scaled by
    ``out_size / 224``; separable, reflect-padded, one kernel size (radius ceil(3 sigma_max)) for the
-   batch with per-sample weights (an identity kernel where off), as a grouped conv over batch x channels.
+   batch with per-sample weights (an identity kernel where off): ``blur.gaussian_blur``, a grouped conv
+   over batch x channels or banded matrices.
 5. Solarize with probability ``solarize_p``: pixels >= 0.5 become 1 - x.
 
 Output: float32 in [0, 1]; ``normalize`` is separate.
@@ -33,6 +34,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .blur import gaussian_blur, gaussian_kernels
 from .errors import UserError
 from .recipe import ViewRecipe, ViewsRecipe
 
@@ -241,36 +243,6 @@ def adjust_hue_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(v.unsqueeze(1), c.unsqueeze(1), tri, value=-1, out=x)
 
 
-def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """(B, 2r+1) normalised weights exp(-t^2 / (2 sigma^2)), t = -r..r (torchvision's kernel)."""
-    t = torch.arange(-radius, radius + 1, device=sigma.device, dtype=torch.float32)
-    wts = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3).unsqueeze(1)) ** 2)
-    return wts / wts.sum(dim=1, keepdim=True)
-
-
-def gaussian_blur(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Separable blur with per-sample 1-D kernels (B, 2r+1), reflect padding.
-
-    Batch x channels become conv groups, so every sample gets its own kernel in one conv call.
-    """
-    b, c, height, width = x.shape
-    k = kernels.shape[1]
-    r = k // 2
-    if r < 1:
-        return x
-    if r >= min(height, width):  # reflect padding needs pad < size: trim the (negligible) tails
-        cut = r - min(height, width) + 1
-        kernels = kernels[:, cut : k - cut]
-        kernels = kernels / kernels.sum(dim=1, keepdim=True)
-        k, r = kernels.shape[1], kernels.shape[1] // 2
-    wts = kernels.repeat_interleave(c, dim=0)  # (B*C, k)
-    y = F.pad(x.reshape(1, b * c, height, width), (r, r, 0, 0), mode="reflect")
-    y = F.conv2d(y, wts.view(b * c, 1, 1, k), groups=b * c)
-    y = F.pad(y, (0, 0, r, r), mode="reflect")
-    y = F.conv2d(y, wts.view(b * c, 1, k, 1), groups=b * c)
-    return y.view(b, c, height, width)
-
-
 def solarize_(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """Pixels >= 0.5 become 1 - x in samples where ``on`` (B,) is true: x - on * relu(2x - 1)."""
     return x.addcmul_(torch.relu_(x * 2 - 1), _col(on.to(x.dtype)), value=-1)
@@ -304,18 +276,39 @@ def _color_jitter(x: torch.Tensor, u: torch.Tensor, cfg: ViewRecipe) -> torch.Te
 
 
 def make_view(
-    x: torch.Tensor, cfg: ViewRecipe, out_size: int, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    cfg: ViewRecipe,
+    out_size: int,
+    generator: torch.Generator | None = None,
+    *,
+    blur: str = "conv",
 ) -> torch.Tensor:
-    """One augmented view of a uint8 (B, C, H, W) batch: float32 (B, C, out_size, out_size) in [0, 1]."""
+    """One augmented view of a uint8 (B, C, H, W) batch: float32 (B, C, out_size, out_size) in [0, 1].
+
+    ``blur``: the Gaussian blur's implementation (``blur.IMPLS``; same result to ~1e-7).
+    """
     _check_input(x, out_size)
     check_view(cfg)
     if x.shape[0] == 0:
         return torch.zeros(0, x.shape[1], out_size, out_size, device=x.device)
+    return view_from_uniform(x, cfg, out_size, draw_uniform(x, generator), blur=blur)
+
+
+def draw_uniform(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The one random draw a view of ``x`` uses: (B, 50) uniforms on x's device (see the module doc)."""
+    return _rand(x, _N_UNIFORM, generator)
+
+
+def view_from_uniform(
+    x: torch.Tensor, cfg: ViewRecipe, out_size: int, u: torch.Tensor, *, blur: str = "conv"
+) -> torch.Tensor:
+    """``make_view`` given its draw ``u``, unchecked: free of randomness and host syncs, so it can be
+    ``torch.compile``d (``batches.ViewFeed`` does with ``compute.compile``)."""
     with torch.autocast(x.device.type, enabled=False):  # float32 matmuls/convs even inside autocast
-        return _view(x, cfg, out_size, _rand(x, _N_UNIFORM, generator))
+        return _view(x, cfg, out_size, u, blur)
 
 
-def _view(x: torch.Tensor, cfg: ViewRecipe, out_size: int, u: torch.Tensor) -> torch.Tensor:
+def _view(x: torch.Tensor, cfg: ViewRecipe, out_size: int, u: torch.Tensor, blur: str) -> torch.Tensor:
     c, height, width = x.shape[1:]
     top, left, h, w = sample_crop_boxes(u, height, width, cfg.crop_scale, cfg.crop_ratio)
     y = resized_crop(x, top, left, h, w, u[:, _U_FLIP] < cfg.flip_p, out_size)
@@ -332,19 +325,27 @@ def _view(x: torch.Tensor, cfg: ViewRecipe, out_size: int, u: torch.Tensor) -> t
         kernels = gaussian_kernels(sigma, radius)
         delta = (torch.arange(-radius, radius + 1, device=x.device) == 0).to(torch.float32)
         on = (u[:, _U_BLUR] < cfg.blur_p).to(torch.float32).unsqueeze(1)
-        y = gaussian_blur(y, torch.lerp(delta.expand_as(kernels), kernels, on))  # off: identity kernel
+        y = gaussian_blur(y, torch.lerp(delta.expand_as(kernels), kernels, on), blur)  # off: identity
     if cfg.solarize_p > 0:
         y = solarize_(y, u[:, _U_SOLAR] < cfg.solarize_p)
     return y.clamp_(0, 1)
 
 
 def make_pair(
-    x: torch.Tensor, views: ViewsRecipe, out_size: int, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    views: ViewsRecipe,
+    out_size: int,
+    generator: torch.Generator | None = None,
+    *,
+    blur: str = "conv",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views of the same batch (view1, view2 recipes), drawn one after the other from ``generator``."""
     check_view(views.view1, "views.view1")
     check_view(views.view2, "views.view2")
-    return make_view(x, views.view1, out_size, generator), make_view(x, views.view2, out_size, generator)
+    return (
+        make_view(x, views.view1, out_size, generator, blur=blur),
+        make_view(x, views.view2, out_size, generator, blur=blur),
+    )
 
 
 def to_float(x: torch.Tensor, out_size: int) -> torch.Tensor:

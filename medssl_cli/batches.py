@@ -6,9 +6,11 @@ or split over N processes, sees exactly the batches an uninterrupted single-proc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .augment import make_pair, normalize
+from .augment import check_view, draw_uniform, normalize, view_from_uniform
 from .data.pool import Pool
 from .distributed import Dist
 from .recipe import ViewsRecipe
@@ -81,6 +83,10 @@ class ViewFeed:
     side stream too early. The same kernels run in the same order on one generator per step, so the
     views are bitwise those made in line; a prefetched pair that is never asked for (a stop, the end)
     is dropped, and a resumed run makes it again from (seed, step).
+
+    ``compile_views``: ``torch.compile`` the views (all but the random draw), which fuses their many
+    small elementwise kernels; the same values to float rounding (~1e-6), not bitwise. ``blur``: the
+    blur's implementation (``blur.IMPLS``).
     """
 
     def __init__(
@@ -96,7 +102,11 @@ class ViewFeed:
         channels_last: bool,
         total_steps: int,
         overlap: bool = True,
+        compile_views: bool = False,
+        blur: str = "conv",
     ) -> None:
+        check_view(views.view1, "views.view1")
+        check_view(views.view2, "views.view2")
         self.pool, self.source, self.views = pool, source, views
         self.batch_size, self.seed, self.dist, self.device = batch_size, seed, dist, device
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -106,6 +116,8 @@ class ViewFeed:
         self._order: tuple[int, torch.Tensor | None] = (-1, None)
         self.side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
         self._ahead: tuple[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        pair = _pair_fn(views, pool.image_size, self.mean, self.std, self.fmt, blur)
+        self._pair = torch.compile(pair, dynamic=False) if compile_views else pair
 
     def indices(self, step: int) -> torch.Tensor:
         """Pool rows of this rank's share of global batch ``step`` (epoch order, then ``rank_batch``)."""
@@ -120,9 +132,8 @@ class ViewFeed:
         """The views of ``step`` on the current stream."""
         x = self.source(self.indices(step))
         g = view_generator(self.seed, step, self.dist.rank, self.device)
-        v1, v2 = make_pair(x, self.views, self.pool.image_size, g)
-        v1, v2 = normalize(v1, self.mean, self.std), normalize(v2, self.mean, self.std)
-        return v1.contiguous(memory_format=self.fmt), v2.contiguous(memory_format=self.fmt)
+        # the draws of view 1 then view 2, as augment.make_pair takes them: the same views
+        return self._pair(x, draw_uniform(x, g), draw_uniform(x, g))
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.side is None:
@@ -142,3 +153,26 @@ class ViewFeed:
         self.side.wait_stream(main)  # nothing main wrote is read here; this orders the streams' frees
         with torch.cuda.stream(self.side):
             return self.make(step)
+
+
+PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _pair_fn(
+    views: ViewsRecipe,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    fmt: torch.memory_format,
+    blur: str,
+) -> PairFn:
+    """(uint8 batch, draw 1, draw 2) -> the normalised pair in the training layout."""
+
+    def pair(x: torch.Tensor, u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for cfg, u in ((views.view1, u1), (views.view2, u2)):
+            v = normalize(view_from_uniform(x, cfg, size, u, blur=blur), mean, std)
+            out.append(v.contiguous(memory_format=fmt))
+        return out[0], out[1]
+
+    return pair

@@ -11,6 +11,7 @@ import torchvision.transforms.v2.functional as TF
 
 from medssl_cli import augment
 from medssl_cli.augment import make_pair, make_view, normalize, to_float
+from medssl_cli.blur import blur_matrices
 from medssl_cli.errors import UserError
 from medssl_cli.recipe import ViewRecipe, ViewsRecipe
 
@@ -244,6 +245,29 @@ def test_blur_matches_torchvision_per_sample():
     for i in range(3):
         ref = TF.gaussian_blur(x[i], kernel_size=[13, 13], sigma=[sigma[i].item()] * 2)
         torch.testing.assert_close(y[i], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("size", "radius"), [(32, 6), (9, 4), (5, 7)])  # (5, 7): kernel trimmed
+def test_matmul_blur_equals_conv_blur(size: int, radius: int):
+    x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    kernels = augment.gaussian_kernels(torch.tensor([0.3, 1.0, 2.0, 4.0]), radius)
+    conv = augment.gaussian_blur(x, kernels, "conv")
+    mm = augment.gaussian_blur(x, kernels, "matmul")
+    assert (conv - x).abs().max() > 0.05  # it blurs
+    torch.testing.assert_close(mm, conv, atol=1e-6, rtol=0)
+    # The banded matrix rows are the kernel, reflected at the borders: each row sums to 1.
+    g = blur_matrices(kernels[:, 1:-1] / kernels[:, 1:-1].sum(1, keepdim=True), 16)
+    torch.testing.assert_close(g.sum(dim=2), torch.ones(4, 16), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="impl"):
+        augment.gaussian_blur(x, kernels, "fft")
+
+
+def test_make_view_with_the_matmul_blur():
+    x = noise_images(8, 1)
+    cfg = off(blur_p=1.0, blur_sigma=[7.0, 14.0], crop_scale=[0.3, 1.0])
+    torch.testing.assert_close(
+        make_view(x, cfg, 32, gen(), blur="matmul"), make_view(x, cfg, 32, gen()), atol=1e-6, rtol=0
+    )
 
 
 def test_blur_smooths_a_checkerboard():

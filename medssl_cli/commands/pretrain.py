@@ -38,7 +38,7 @@ def pretrain(
     ),
     precision: str = typer.Option(None, "--precision", help="auto (bf16 where native), bf16 or fp32."),
     compile_net: bool = typer.Option(
-        None, "--compile/--no-compile", help="torch.compile the network (long GPU runs: ~1.3x faster)."
+        None, "--compile/--no-compile", help="torch.compile the network and views (long GPU runs: ~1.3x)."
     ),
     knn_every: int = typer.Option(None, "--knn-every", help="kNN val accuracy every K epochs (0: off)."),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Checkpoint every N epochs."),

@@ -61,7 +61,7 @@ else
 fi
 
 tests() {  # the recipes' device is auto, so on a GPU machine these train and evaluate on CUDA
-    step pytest 100 python3 -m pytest -q -p no:cacheprovider $TESTS
+    step pytest 160 python3 -m pytest -q -p no:cacheprovider $TESTS
     grep -E "passed|failed|error" "$LOG" | tail -n 3
 }
 cli() {  # pretrain (demo recipe, compiled), linear + full fine-tuning, evaluate, report, on the device

@@ -83,12 +83,12 @@ def test_compiled_and_matmul_blur_views_equal_the_plain_views(synth_root: Path) 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("blur", ["conv", "matmul"])
-def test_compiled_views_on_cuda_equal_the_plain_views(synth_root: Path, blur: str) -> None:
+def test_compiled_views_on_cuda_equal_the_plain_views(synth_root: Path) -> None:
+    # Both levers at once (one compile): Triton kernels on the side stream, cuBLAS for the blur.
     pool = load_pool(synth_root, PLANES, ["train"], image_size=32, supervised=False)
     dev = torch.device("cuda")
     plain = feed_for(pool, dev, overlap=False)
-    fast = feed_for(pool, dev, overlap=True, compile_views=True, blur=blur)
+    fast = feed_for(pool, dev, overlap=True, compile_views=True, blur="matmul")
     for step in range(4):
         for w, v in zip(plain(step), fast(step), strict=True):
             torch.testing.assert_close(v, w, atol=2e-5, rtol=0)

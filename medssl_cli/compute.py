@@ -202,3 +202,19 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def check_compile(device: torch.device) -> None:
+    """``torch.compile`` builds C++ for CPU code: refuse up front, in one line, if no compiler is found
+    (otherwise the first training step fails with a long inductor traceback)."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # torch._inductor.exc.InvalidCxxCompiler, or an inductor without this helper
+        raise UserError(
+            f"--compile on a CPU needs a C++ compiler, and torch found none ({type(e).__name__}).",
+            "Install g++ (or set CXX), or run without --compile.",
+        ) from None

@@ -199,3 +199,20 @@ def test_chunked_pretraining_runs_and_bad_chunk_is_refused(synth_root: Path, tmp
     assert run.status == "finished" and history[0]["loss"] == history[0]["loss"]  # finite, not NaN
     with pytest.raises(UserError, match="chunk_size must be 0"):
         stage.pretrain(tiny(**{"pretrain.chunk_size": 1}), data_dir=synth_root, runs_root=tmp_path / "b")
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor import cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def none_found() -> str:
+        raise InvalidCxxCompiler
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+    r = override(tiny(), {"compute.compile": True, "compute.device": "cpu"})
+    with pytest.raises(UserError, match="needs a C\\+\\+ compiler") as e:
+        stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path)
+    assert "without --compile" in e.value.hint
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run directory was made

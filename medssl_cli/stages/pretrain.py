@@ -179,6 +179,8 @@ def pretrain(
             if kind == "finished":
                 LOG.info(f"Run {prior.path} already finished; nothing to do.")
                 return prior
+        if recipe.compute.compile:  # before any data is read or a run directory is made
+            compute.check_compile(compute.resolve_device(recipe.compute.device))
         pool = distributed.check_all(dist, lambda: _checked_pool(recipe, data_dir, allow_test_split, dist))
         path = distributed.from_main(dist, lambda: _open_run(kind, path, recipe, pool, runs_root, name))
         run = Run(Path(path))

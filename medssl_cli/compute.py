@@ -204,17 +204,23 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def check_compile(device: torch.device) -> None:
-    """``torch.compile`` builds C++ for CPU code: refuse up front, in one line, if no compiler is found
-    (otherwise the first training step fails with a long inductor traceback)."""
-    if device.type != "cpu":
-        return
+def cpp_compiler_problem() -> str | None:
+    """Why ``torch.compile`` cannot build CPU code here (no C++ compiler found), or None if it can."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
     except Exception as e:  # torch._inductor.exc.InvalidCxxCompiler, or an inductor without this helper
+        return type(e).__name__
+    return None
+
+
+def check_compile(device: torch.device) -> None:
+    """``torch.compile`` builds C++ for CPU code: refuse up front, in one line, if no compiler is found
+    (otherwise the first training step fails with a long inductor traceback)."""
+    problem = cpp_compiler_problem() if device.type == "cpu" else None
+    if problem is not None:
         raise UserError(
-            f"--compile on a CPU needs a C++ compiler, and torch found none ({type(e).__name__}).",
+            f"--compile on a CPU needs a C++ compiler, and torch found none ({problem}).",
             "Install g++ (or set CXX), or run without --compile.",
-        ) from None
+        )

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from medssl_cli.compute import cpp_compiler_problem
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +45,8 @@ def _positive(*values: float) -> None:
 
 @pytest.mark.slow
 def test_pretrain_throughput_quick(tmp_path: Path) -> None:
-    data = _run("pretrain_throughput", tmp_path)
+    compiles = cpp_compiler_problem() is None  # the view variants include compiled views
+    data = _run("pretrain_throughput", tmp_path, *(["--view-variants"] if compiles else []))
     assert data["bench"] == "pretrain_throughput" and data["env"]["threads"] == 1
     (r,) = data["results"]
     assert (r["device"], r["image_size"], r["batch"]) == ("cpu", 32, 8)
@@ -54,6 +57,12 @@ def test_pretrain_throughput_quick(tmp_path: Path) -> None:
     assert r["b_over_a_target"] == 0.90 and isinstance(r["b_over_a_met"], bool)
     # ResNet-18 at 32 px, 2 views, fwd + bwd, 64-wide projector: ~0.44 GFLOP per sample
     assert 0.3e9 < r["flops_per_sample"] < 0.6e9
+    if compiles:
+        names = [v["name"] for v in r["view_variants"]]
+        assert names == ["compiled", "matmul-blur", "compiled+matmul-blur"]
+        for v in r["view_variants"]:
+            _positive(v["b_over_a"], v["views_samples_per_s"], v["views_x_default"])
+            assert (v["compile_s"] is None) == ("compiled" not in v["name"])
     (c,) = data["chunked"]
     assert (c["batch"], c["chunk"]) == (8, 4)
     _positive(c["chunked_over_plain"], c["plain"]["samples_per_s"], c["chunked"]["efficiency"])

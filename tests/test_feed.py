@@ -9,6 +9,7 @@ import torch
 
 from medssl_cli.augment import make_pair, normalize
 from medssl_cli.batches import BatchSource, ViewFeed, epoch_order, view_generator
+from medssl_cli.compute import cpp_compiler_problem
 from medssl_cli.data.pool import load_pool
 from medssl_cli.distributed import Dist
 from medssl_cli.recipe import ViewsRecipe
@@ -62,23 +63,13 @@ def test_feed_makes_the_training_loops_views(synth_root: Path) -> None:
     assert len(set(rows.tolist())) == spe * 16
 
 
-def has_cpp_compiler() -> bool:
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-        return True
-    except Exception:
-        return False
-
-
 @pytest.mark.parametrize(
     "variant",
     [
         {"blur": "matmul"},
         pytest.param(
             {"compile_views": True},
-            marks=pytest.mark.skipif(not has_cpp_compiler(), reason="torch.compile on a CPU needs g++"),
+            marks=pytest.mark.skipif(cpp_compiler_problem() is not None, reason="compiling needs g++"),
         ),
     ],
 )

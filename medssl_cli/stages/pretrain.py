@@ -43,6 +43,9 @@ from ..recipe import Recipe
 from ..runs import Run, create_run
 from .pretrain_records import end_epoch, finish, save_checkpoint, truncate_history, zero_acc
 
+# A GPU run with this many steps left gets a hint to --compile: on the H200 at 224 px it saved ~10 ms of
+# a 40 ms step for ~18 s of compiling, so it pays off after ~1,800 steps.
+COMPILE_HINT_STEPS = 2000
 LOG = logging.getLogger("medssl")
 
 
@@ -261,6 +264,11 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
     if c.compile:  # measured: 1.34x on an H200 at 224 px, batch 256, for ~18 s of compiling (CHANGELOG)
         LOG.info("torch.compile: the first steps compile the network and the views (tens of seconds)")
         model = torch.compile(model)
+    elif dist.is_main and device.type == "cuda" and total - step >= COMPILE_HINT_STEPS:
+        LOG.info(
+            f"{total - step} steps to go on a GPU: --compile (compute.compile) trained 1.34x faster on an "
+            "H200 at 224 px for ~18 s of compiling."
+        )
 
     sync_every = 1 if device.type == "cpu" else 25
     from ..console import progress

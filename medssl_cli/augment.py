@@ -77,6 +77,12 @@ def check_view(cfg: ViewRecipe, name: str = "views.view") -> None:
         raise UserError(f"Recipe key '{name}.hue' must be in [0, 0.5], got {cfg.hue}.")
 
 
+def check_views(views: ViewsRecipe) -> None:
+    """``check_view`` for both views of a recipe, naming ``views.view1`` / ``views.view2``."""
+    check_view(views.view1, "views.view1")
+    check_view(views.view2, "views.view2")
+
+
 def _check_input(x: torch.Tensor, out_size: int) -> None:
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 (B, C, H, W) with C in (1, 3), got {x.dtype} {tuple(x.shape)}")
@@ -340,8 +346,7 @@ def make_pair(
     blur: str = "conv",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views of the same batch (view1, view2 recipes), drawn one after the other from ``generator``."""
-    check_view(views.view1, "views.view1")
-    check_view(views.view2, "views.view2")
+    check_views(views)
     return (
         make_view(x, views.view1, out_size, generator, blur=blur),
         make_view(x, views.view2, out_size, generator, blur=blur),

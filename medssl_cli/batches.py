@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .augment import check_view, draw_uniform, normalize, view_from_uniform
+from .augment import check_views, draw_uniform, normalize, view_from_uniform
 from .data.pool import Pool
 from .distributed import Dist
 from .recipe import ViewsRecipe
@@ -105,8 +105,7 @@ class ViewFeed:
         compile_views: bool = False,
         blur: str = "conv",
     ) -> None:
-        check_view(views.view1, "views.view1")
-        check_view(views.view2, "views.view2")
+        check_views(views)
         self.pool, self.source, self.views = pool, source, views
         self.batch_size, self.seed, self.dist, self.device = batch_size, seed, dist, device
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -30,6 +30,7 @@ Output: float32 in [0, 1]; ``normalize`` is separate.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,24 @@ def check_views(views: ViewsRecipe) -> None:
     """``check_view`` for both views of a recipe, naming ``views.view1`` / ``views.view2``."""
     check_view(views.view1, "views.view1")
     check_view(views.view2, "views.view2")
+
+
+def flip_warning(flip_p: float, class_names: list[str], keys: str) -> str | None:
+    """One line when images are flipped left-right although class names come in left/right pairs.
+
+    MIMeta's organ slices name sides (left/right lung, kidney, femoral head): a flipped slice shows one
+    side's anatomy where the other's belongs, so a fine-tuning label turns wrong and pretraining learns
+    features that cannot tell the sides apart. ``keys``: the recipe key(s) to name in the fix.
+    """
+    words = [set(re.findall(r"[a-z]+", c.lower())) for c in class_names]
+    sided = [c for c, w in zip(class_names, words, strict=True) if w & {"left", "right"}]
+    if flip_p <= 0 or not sided:
+        return None
+    return (
+        f"Views flip left-right (p = {flip_p:g}) but the classes name sides ({', '.join(sided[:4])}"
+        f"{', ...' if len(sided) > 4 else ''}): flipped images show the other side. Set {keys} to 0 "
+        "(recipes/organs-bt.yaml does)."
+    )
 
 
 def _check_input(x: torch.Tensor, out_size: int) -> None:

@@ -123,11 +123,12 @@ def compute_metrics(
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float | int | None]:
-    """Mean, sample std (ddof=1; 0 for one value) and count of the non-missing values."""
+    """Mean, sample std (ddof=1; None for one value: no spread is measured) and count of the non-missing
+    values."""
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     if v.size == 0:
         return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
 
 
 def plot_confusion(

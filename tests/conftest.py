@@ -50,6 +50,7 @@ def make_fake_pretrain(synth_root: Path):
         seed: int = 123,
         extra_seen: dict | None = None,
         name: str = "fake",
+        recipe_extra: dict | None = None,
     ):
         import json
 
@@ -62,7 +63,8 @@ def make_fake_pretrain(synth_root: Path):
         from medssl_cli.recipe import Recipe, override
         from medssl_cli.runs import create_run
 
-        recipe = override(Recipe(), {"data.datasets": list(datasets), "data.image_size": image_size})
+        keys = {"data.datasets": list(datasets), "data.image_size": image_size, **(recipe_extra or {})}
+        recipe = override(Recipe(), keys)
         pool = load_pool(synth_root, list(datasets), ["train"], image_size=image_size, supervised=False)
         run = create_run(runs_root, "pretrain", recipe, name=name, extra={"data": pool.provenance()})
         seen = pool.seen()

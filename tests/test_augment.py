@@ -387,3 +387,14 @@ def test_cuda_matches_cpu_semantics_and_is_deterministic(monkeypatch):
     torch.testing.assert_close(y, torch.where(ref >= 0.5, 1 - ref, ref), atol=1e-5, rtol=0)
     with pytest.raises(ValueError):
         make_view(x, OFF, 32, torch.Generator().manual_seed(0))
+
+
+def test_flip_warning_only_for_sided_classes() -> None:
+    from medssl_cli.augment import flip_warning
+
+    organs = ["heart", "left lung", "right lung", "liver", "left kidney", "right kidney", "left femoral head"]
+    line = flip_warning(0.5, organs, "views.view1.flip_p")
+    assert line is not None and "left lung, right lung, left kidney, right kidney, ..." in line
+    assert "views.view1.flip_p to 0" in line and "\n" not in line
+    assert flip_warning(0.0, organs, "k") is None  # no flips
+    assert flip_warning(0.5, ["ADI", "BACK", "TUM", "bright"], "k") is None  # no sides named

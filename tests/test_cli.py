@@ -61,3 +61,22 @@ def test_data_synth_list_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_missing_root_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_cli(["data", "list", "--data-dir", str(tmp_path / "none")], capsys)
     assert code == 2 and "7884735" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["pretrain", "--bogus"], "--bogus"),  # unknown option
+        (["pretrain", "--epoch", "5"], "--epochs"),  # typo: the close option is named
+        (["evaluate", "--k", "x"], "'--k'"),  # wrong type
+        (["data", "info"], "Missing argument"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Typer's parser errors (typer >= 0.29 raises its own copy of click's) end like every user error."""
+    code, out = run_cli(args, capsys)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in out and "Traceback" not in out, out
+    assert lines[0].startswith("error:") and f"medssl {args[0]}" in out  # names the --help to read

@@ -67,6 +67,21 @@ def test_ram_budget_switches_to_streaming(synth_root: Path) -> None:
     assert torch.equal(pool.images[torch.arange(7)], full.images[torch.arange(7)])
 
 
+def test_fingerprint_covers_rows_and_pixels(synth_root: Path, tmp_path: Path) -> None:
+    a = load_pool(synth_root, ["synthetic_crc"], ["train"], image_size=32)
+    moved = tmp_path / "moved"  # the same files under another root (e.g. a node's scratch disk)
+    shutil.copytree(synth_root / "synthetic_crc", moved / "synthetic_crc")
+    assert load_pool(moved, ["synthetic_crc"], ["train"], image_size=32).fingerprint() == a.fingerprint()
+    assert load_pool(synth_root, ["synthetic_crc"], ["val"], image_size=32).fingerprint() != a.fingerprint()
+    import h5py
+
+    with h5py.File(moved / "synthetic_crc" / "images.hdf5", "r+") as f:  # other pixels, same ids and rows
+        f["images"][...] = 255 - f["images"][...]
+    b = load_pool(moved, ["synthetic_crc"], ["train"], image_size=32)
+    assert b.seen() == a.seen() and not torch.equal(b.images[:], a.images[:])
+    assert b.fingerprint() != a.fingerprint()
+
+
 def test_pooling_three_planes(synth_root: Path) -> None:
     pool = load_pool(
         synth_root,

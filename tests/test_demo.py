@@ -44,6 +44,8 @@ def test_demo_end_to_end(synth_root: Path, tmp_path: Path, capsys: pytest.Captur
     assert {"pretrain", "finetune", "tsne", "report"} <= stages
     (report_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("report-")]
     md = (report_dir / "report.md").read_text()
+    grid_dir = next(d for d in (tmp_path / "runs").iterdir() if d.name.startswith("finetune-"))
+    assert json.loads((report_dir / "run.json").read_text())["scope"] == f"finetune grid {grid_dir}"
     assert "SYNTHETIC" in md.upper() and "ssl" in md and "random" in md
     assert (tmp_path / "docs" / "demo-table.md").read_text().count("| Barlow Twins | linear |") == 2
     assert (tmp_path / "docs" / "demo-fraction-accuracy.png").stat().st_size > 1000

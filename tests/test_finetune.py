@@ -240,6 +240,27 @@ def test_full_mode_trains_backbone(tmp_path, synth_root) -> None:
     info = cell.manifest
     assert info["head"] == "full" and info["chosen"]["epoch"] in (1, 2) and info["params"] > 11_000_000
     assert read_json(cell.file("metrics.json"))["val"]["n"] == 11
+    # no parent, default views (flip p 0.5) on organs that name sides: the grid's log says so
+    assert "Full fine-tuning: Views flip left-right (p = 0.5)" in grid.file("log.txt").read_text()
+
+
+@pytest.mark.parametrize("bs", [2, 3, 16, 64])
+def test_full_ft_batches_hold_every_image_once(bs) -> None:
+    from medssl_cli.stages.full_ft import _batches
+
+    for n in range(1, 3 * bs + 3):
+        out = _batches(torch.randperm(n), bs)
+        assert sorted(torch.cat(out).tolist()) == list(range(n)), (n, bs)
+        assert all(2 <= len(b) <= bs + 1 for b in out) or n == 1, (n, bs, [len(b) for b in out])
+
+
+def test_parent_views_reach_full_finetuning(tmp_path, make_fake_pretrain) -> None:
+    """The parent's views (organ recipes: flip_p 0) are inherited; --recipe and CLI keys still win."""
+    pre = make_fake_pretrain(tmp_path, recipe_extra={"views.view1.flip_p": 0.0})
+    recipe, parent = ft_stage.resolve_recipe(None, {"finetune.modes": ["full"]}, pre.path, tmp_path)
+    assert parent is not None and recipe.views.view1.flip_p == 0.0
+    mine = ft_stage.resolve_recipe(None, {"views.view1.flip_p": 0.25}, pre.path, tmp_path)[0]
+    assert mine.views.view1.flip_p == 0.25
 
 
 def test_imagenet_init_from_torch_cache(tmp_path, monkeypatch, synth_root) -> None:

@@ -94,6 +94,7 @@ def test_confusion_and_summarize() -> None:
     assert s["n"] == 2 and s["mean"] == pytest.approx(0.6)
     assert s["std"] == pytest.approx(math.sqrt(0.02))  # sample std of (0.5, 0.7): sqrt(0.02 / 1)
     assert summarize([None]) == {"mean": None, "std": None, "n": 0}
+    assert summarize([0.5, None]) == {"mean": 0.5, "std": None, "n": 1}  # one seed: no spread measured
 
 
 def test_confusion_plot_is_png(tmp_path) -> None:

@@ -63,7 +63,10 @@ def test_pretrain_writes_a_complete_run(synth_root: Path, tmp_path: Path) -> Non
     assert meta["arch"] == "resnet18" and meta["in_channels"] == "1" and meta["image_size"] == "32"
     assert meta["recipe_hash"] == run.recipe().hash()
     assert run.file("plots", "loss.png").stat().st_size > 1000
-    assert "epoch 2/2" in run.file("log.txt").read_text()
+    log = run.file("log.txt").read_text()
+    assert "epoch 2/2" in log
+    # the default views flip (p 0.5) and the organ classes name sides: the run says so, with the fix
+    assert "Views flip left-right (p = 0.5)" in log and "views.view2.flip_p to 0" in log
 
 
 def test_same_seed_same_weights_and_resume_equals_uninterrupted(

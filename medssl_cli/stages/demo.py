@@ -110,7 +110,8 @@ def demo(
         recipe_file=recipe_file,
     )
     lap("tsne")
-    out = report(runs_root=runs_root, name="demo")
+    # this demo's grid and its pretrain run's t-SNE only: older runs under runs_root stay out of the table
+    out = report(runs_root=runs_root, from_grid=grid.path, name="demo")
     lap("report")
     if docs is not None:
         LOG.info(

@@ -282,9 +282,10 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
 def _log_groups(summary: dict[str, Any], split: str) -> None:
     for g in summary["groups"]:
         a = g["accuracy"]
+        spread = f" ± {a['std']:.3f} ({a['n']} seeds)" if a["std"] is not None else f" ({a['n']} seed)"
         LOG.info(
             f"{g['init']:>8} {g['mode']:<6} fraction {g['fraction']:<6g} {split} accuracy "
-            f"{a['mean']:.3f} ± {a['std']:.3f} ({a['n']} seed(s))"
+            f"{a['mean']:.3f}{spread}"
         )
 
 

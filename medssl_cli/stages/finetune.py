@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backbones, compute, distributed
+from ..augment import flip_warning
 from ..data.fractions import parse_fraction
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
@@ -64,7 +65,7 @@ FEATURE_DIM = 512
 def resolve_recipe(
     recipe_file: Path | None, overrides: dict[str, Any], from_run: str | Path | None, runs_root: Path
 ) -> tuple[Recipe, Run | None]:
-    """defaults < parent pretrain recipe (data, model) < recipe file < CLI; the parent when needed."""
+    """defaults < parent pretrain recipe (data, model, views) < recipe file < CLI; the parent when needed."""
     file = read_recipe_file(recipe_file) if recipe_file is not None else {}
     inits = override(merge(Recipe(), file), overrides).finetune.inits
     parent = None
@@ -73,7 +74,9 @@ def resolve_recipe(
     recipe = Recipe()
     if parent is not None:
         pr = parent.recipe()
-        recipe = merge(recipe, {"data": dataclasses.asdict(pr.data), "model": dataclasses.asdict(pr.model)})
+        # views: full fine-tuning flips with the parent's views.view1.flip_p (0 for the organ recipes)
+        inherited = {key: dataclasses.asdict(getattr(pr, key)) for key in ("data", "model", "views")}
+        recipe = merge(recipe, inherited)
     elif "datasets" not in (file.get("data") or {}) and overrides.get("data.datasets") is None:
         raise UserError(
             "No datasets: without a pretrain run (--init imagenet/random only) --datasets is required.",
@@ -309,6 +312,9 @@ def _run_grid(
                 f"{train.image_size} px, {k} classes; {compute.describe_device(device)}, "
                 f"{'bf16' if bf16 else 'fp32'}"
             )
+            flips = flip_warning(recipe.views.view1.flip_p, train.class_names, "views.view1.flip_p")
+            if "full" in recipe.finetune.modes and flips and dist.is_main:
+                LOG.warning(f"Full fine-tuning: {flips}")
             if "linear" in recipe.finetune.modes:
                 LOG.info(
                     f"Linear head: {FEATURE_DIM} x {k} + {k} = {FEATURE_DIM * k + k:,} trainable parameters "

@@ -62,7 +62,8 @@ FEATURE_DIM = 512
 def _batches(order: torch.Tensor, bs: int) -> list[torch.Tensor]:
     out = list(order.split(bs))
     if len(out) > 1 and len(out[-1]) < 2:  # a batch of one breaks BatchNorm in train mode: merge it
-        out[-2] = torch.cat([out[-2], out.pop()])
+        last = out.pop()  # popped first: the target out[-1] then names the batch it joins
+        out[-1] = torch.cat([out[-1], last])
     return out
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint, cluster, compute, distributed
+from ..augment import flip_warning
 from ..batches import BatchSource, ViewFeed, steps_per_epoch
 from ..chunked import chunked_train_step
 from ..data.pool import Pool, load_pool
@@ -233,6 +234,14 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
         f"{'bf16 autocast' if bf16 else 'fp32'}{', channels_last' if channels_last else ''}, "
         f"images {'on the device' if source.on_device else 'streamed'}"
     )
+    v = recipe.views
+    flips = flip_warning(
+        max(v.view1.flip_p, v.view2.flip_p),
+        [name for t in pool.tasks for name in t.class_names],
+        "views.view1.flip_p and views.view2.flip_p",
+    )
+    if flips and dist.is_main:
+        LOG.warning(flips)
     if dist.enabled:
         LOG.info(f"Rank {dist.rank} of {dist.world_size}: {p.batch_size // dist.world_size} images per step")
     if dist.is_main:

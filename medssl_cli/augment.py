@@ -72,7 +72,7 @@ def check_view(cfg: ViewRecipe, name: str = "views.view") -> None:
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise UserError(f"Recipe key '{name}.{key}' is a probability in [0, 1], got {getattr(cfg, key)}.")
     for key in ("brightness", "contrast", "saturation"):
-        if getattr(cfg, key) < 0:
+        if not getattr(cfg, key) >= 0:  # also NaN
             raise UserError(f"Recipe key '{name}.{key}' must be >= 0, got {getattr(cfg, key)}.")
     if not 0.0 <= cfg.hue <= 0.5:
         raise UserError(f"Recipe key '{name}.hue' must be in [0, 0.5], got {cfg.hue}.")

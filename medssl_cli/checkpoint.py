@@ -109,7 +109,8 @@ def latest(ckpt_dir: Path) -> Path | None:
     for json_path in sorted(ckpt_dir.glob("step-*.json"), reverse=True):
         tensor_path = json_path.with_suffix(".safetensors")
         try:
-            intact = read_json(json_path).get("sha256") == _sha256(tensor_path)
+            meta = read_json(json_path)
+            intact = isinstance(meta, dict) and meta.get("sha256") == _sha256(tensor_path)
         except (ValueError, OSError):
             intact = False
         if intact:
@@ -128,7 +129,17 @@ def load(
     json_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore ``model`` and ``optimizer`` in place; returns (extra JSON fields, extra tensors)."""
-    meta = read_json(json_path)
+    try:
+        meta = read_json(json_path)
+    except (ValueError, OSError) as exc:
+        meta, why = None, f"unreadable: {exc}"
+    else:
+        why = "not a JSON object holding the optimizer state"
+    if not isinstance(meta, dict) or not isinstance(meta.get("optimizer"), dict):
+        raise UserError(
+            f"Checkpoint {json_path} is damaged ({why}).",
+            f"Restore it, or delete {json_path.parent} to restart the run from scratch.",
+        )
     try:
         tensors = load_file(str(json_path.with_suffix(".safetensors")))
     except (SafetensorError, OSError) as exc:

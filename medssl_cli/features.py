@@ -5,10 +5,10 @@ statistics, no update), ``torch.inference_mode``, bf16 autocast and channels_las
 says so; features come back as float32 on the CPU. The caller's train/eval mode is restored.
 
 ``cached`` stores a split's features under ``<runs root>/.cache/features/<key>.safetensors``, the key
-a hash of (backbone weights hash, dataset ids, split, image rows fingerprint, image size, channels,
-normalisation, precision). The file is written atomically and built under an exclusive file lock, so
-concurrent grid cells (a SLURM array) extract a split once and never read half a file. A damaged cache
-file is ignored and rebuilt.
+a hash of (backbone weights hash, dataset ids, split, images fingerprint (the rows and a sample of the
+pixels: ``Pool.fingerprint``), image size, channels, normalisation, precision). The file is written
+atomically and built under an exclusive file lock, so concurrent grid cells (a SLURM array) extract a
+split once and never read half a file. A damaged cache file is ignored and rebuilt.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def cache_key(lb: LoadedBackbone, pool: Pool, bf16: bool) -> str:
         "backbone": lb.key,
         "datasets": pool.dataset_ids,
         "splits": pool.splits,
-        "rows": pool.fingerprint(),
+        "images": pool.fingerprint(),
         "image_size": pool.image_size,
         "channels": pool.channels,
         "mean": list(lb.mean),
@@ -162,7 +162,7 @@ def cached(
                 "splits": json.dumps(pool.splits),
                 "image_size": str(pool.image_size),
                 "precision": "bf16" if bf16 else "fp32",
-                "rows": pool.fingerprint(),
+                "images": pool.fingerprint(),
             }
             tensors = {"features": feats.contiguous(), "source_idx": torch.from_numpy(pool.source_idx.copy())}
             write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))

@@ -104,6 +104,21 @@ def backbone_meta(in_channels: int, gray_mode: str, image_size: int) -> dict[str
 # Heads
 
 
+def check_projector(dims: Iterable[int]) -> None:
+    """``model.projector``: at least one layer, every size a positive integer (UserError naming the key)."""
+    dims = list(dims)
+    if not dims:
+        raise UserError(
+            "Recipe key 'model.projector' needs at least one layer size, e.g. [2048, 2048, 2048]."
+        )
+    bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int) or d < 1]
+    if bad:
+        raise UserError(
+            f"Recipe key 'model.projector' must list layer sizes >= 1, got {dims}.",
+            "E.g. [2048, 2048, 2048].",
+        )
+
+
 class Projector(nn.Sequential):
     """Barlow Twins projector (Zbontar et al., "Barlow Twins: Self-Supervised Learning via Redundancy
     Reduction", ICML 2021).
@@ -115,9 +130,9 @@ class Projector(nn.Sequential):
     """
 
     def __init__(self, dims: Iterable[int] = (2048, 2048, 2048), in_dim: int = FEATURE_DIM) -> None:
+        dims = list(dims)
+        check_projector(dims)
         sizes = [in_dim, *dims]
-        if len(sizes) < 2:
-            raise UserError("model.projector needs at least one layer size, e.g. [2048, 2048, 2048].")
         layers: list[nn.Module] = []
         for i in range(len(sizes) - 2):
             layers += [nn.Linear(sizes[i], sizes[i + 1], bias=False), nn.BatchNorm1d(sizes[i + 1]), nn.ReLU()]

@@ -15,15 +15,23 @@ from typing import Any
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-class Interrupted(Exception):
-    """Training stopped on request after writing a checkpoint; resume with the same run."""
+# What a finetune grid keeps when it stops (cells have no checkpoints): stages/cell.py, full_ft.py.
+GRID_KEPT = "finished cells are kept, unfinished ones run again from their start"
 
-    def __init__(self, run_dir: str, signum: int, step: int) -> None:
+
+class Interrupted(Exception):
+    """Training stopped on request; resume with the same run (``step`` goes into run.json's stop_step).
+
+    ``kept``: what the stop kept, for the message; by default pretraining's checkpoint at ``step``.
+    """
+
+    def __init__(self, run_dir: str, signum: int, step: int, kept: str | None = None) -> None:
         self.run_dir = run_dir
         self.signum = signum
         self.step = step
-        name = signal.Signals(signum).name
-        super().__init__(f"Stopped by {name} at step {step}; checkpoint written. Resume: --resume {run_dir}")
+        name = signal.Signals(signum).name if signum else "a stop request"
+        what = f" at step {step}; checkpoint written" if kept is None else f"; {kept}"
+        super().__init__(f"Stopped by {name}{what}. Resume: --resume {run_dir}")
 
 
 class StopFlag:

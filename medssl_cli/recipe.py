@@ -250,12 +250,24 @@ def override(recipe: Recipe, dotted: dict[str, Any]) -> Recipe:
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(
+            f"Recipe file {p} is a directory.", "Pass a YAML file, e.g. --recipe recipes/demo.yaml."
+        )
     if not p.is_file():
         raise UserError(f"Recipe file not found: {p}.", "Pass a YAML file, e.g. --recipe recipes/demo.yaml.")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"Recipe file {yaml_error_text(p, exc)}", "Fix the file and retry.") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"Recipe file {p} is not UTF-8 text (byte {exc.start}).", "Pass a YAML recipe file."
+        ) from None
+    except OSError as exc:
+        raise UserError(
+            f"Recipe file {p} is unreadable ({exc.strerror or exc}).", "Check the path and its permissions."
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

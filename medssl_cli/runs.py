@@ -4,7 +4,7 @@
 <runs root>/<stage>-<name>-<YYYYmmdd-HHMMSS>[-k]/
   recipe.yaml      the fully resolved recipe (defaults < parent < recipe file < CLI)
   run.json         stage, status (running|finished|failed|interrupted), parent run, command line,
-                   versions, data provenance (dataset ids, splits, index fingerprint), times, device
+                   versions, data provenance (dataset ids, splits, images fingerprint), times, device
   weights/         *.safetensors, tensors only; metadata holds arch, channels, image size, recipe hash
   checkpoint/      resumable state (tensors in safetensors, scalars and RNG in JSON)
   history.jsonl    one line per epoch
@@ -37,7 +37,7 @@ from typing import Any
 
 from . import __version__
 from .errors import UserError
-from .io import read_json, write_json, write_yaml
+from .io import read_json, write_json, write_yaml, yaml_error_text
 from .recipe import Recipe, from_dict
 
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -80,7 +80,7 @@ class Run:
     @property
     def manifest(self) -> dict[str, Any]:
         try:
-            return read_json(self.manifest_path)
+            data = read_json(self.manifest_path)
         except FileNotFoundError:
             raise UserError(
                 f"{self.path} is not a medssl run (no run.json).",
@@ -88,6 +88,14 @@ class Run:
             ) from None
         except ValueError:
             raise UserError(f"{self.manifest_path} is unreadable (not JSON).") from None
+        except OSError as exc:
+            raise UserError(f"{self.manifest_path} is unreadable ({exc.strerror or exc}).") from None
+        if not isinstance(data, dict):
+            raise UserError(
+                f"{self.manifest_path} is damaged (a JSON {type(data).__name__}, not an object).",
+                "The run directory is damaged; use another run or re-run the stage.",
+            )
+        return data
 
     @property
     def stage(self) -> str:
@@ -102,9 +110,33 @@ class Run:
         return self.path.name
 
     def recipe(self) -> Recipe:
+        """The run's stored ``recipe.yaml``; a missing or broken one is a UserError naming the file."""
         import yaml
 
-        return from_dict(yaml.safe_load((self.path / "recipe.yaml").read_text(encoding="utf-8")) or {})
+        path = self.path / "recipe.yaml"
+        hint = "The run directory is damaged; use another run or re-run the stage."
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"Run {self.path}'s recipe.yaml is missing ({path}).", hint) from None
+        except yaml.YAMLError as exc:
+            raise UserError(f"Run {self.path}: {yaml_error_text(path, exc)}", hint) from None
+        except UnicodeDecodeError:
+            raise UserError(
+                f"Run {self.path}'s recipe.yaml is unreadable ({path} is not UTF-8).", hint
+            ) from None
+        except OSError as exc:
+            raise UserError(
+                f"Run {self.path}'s recipe.yaml is unreadable ({path}: {exc.strerror or exc}).", hint
+            ) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"Run {self.path}'s recipe.yaml is damaged ({path} is not a mapping).", hint)
+        try:
+            return from_dict(data)
+        except UserError as exc:
+            raise UserError(f"In {path}: {exc.message}", exc.hint) from None
 
     def update(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into run.json (atomic rewrite). Only rank 0 calls this."""
@@ -201,7 +233,9 @@ def list_runs(runs_root: Path | str, stage: str | None = None) -> list[Run]:
             continue
         try:
             info = read_json(d / "run.json")
-        except ValueError:
+        except (ValueError, OSError):
+            continue
+        if not isinstance(info, dict):  # damaged: not a run any stage can use
             continue
         if stage is None or info.get("stage") == stage:
             out.append((info.get("started", ""), d.name, Run(d)))
@@ -292,7 +326,13 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
 def attach_log(run: Run, rank: int = 0) -> logging.Handler:
     """Send the 'medssl' logger to the run's log file (rank > 0: log.rank<k>.txt). Returns the handler."""
     name = "log.txt" if rank == 0 else f"log.rank{rank}.txt"
-    handler = logging.FileHandler(run.file(name), encoding="utf-8")
+    try:
+        handler = logging.FileHandler(run.file(name), encoding="utf-8")
+    except OSError as exc:
+        raise UserError(
+            f"Run directory {run.path} is not writable ({run.file(name)}: {exc.strerror or exc}).",
+            "Make it writable (or copy the run to a writable place) and retry.",
+        ) from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     LOG.addHandler(handler)
     LOG.setLevel(logging.INFO)
@@ -324,3 +364,14 @@ def recording(run: Run, rank: int = 0) -> Iterator[Run]:
         raise
     finally:
         detach_log(handler)
+
+
+def locate(recorded: str | Path, near: Path) -> Path:
+    """A run another run recorded by its absolute path (``parent``, ``grid``), after the runs root was
+    moved or copied (cluster -> laptop): the recorded path if it exists, else the run of the same name
+    beside ``near`` (the recording run's runs root), else the recorded path (its absence is reported
+    by the caller)."""
+    path = Path(recorded)
+    if not (path / "run.json").is_file() and (near / path.name / "run.json").is_file():
+        return near / path.name
+    return path

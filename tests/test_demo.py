@@ -52,3 +52,25 @@ def test_demo_end_to_end(synth_root: Path, tmp_path: Path, capsys: pytest.Captur
     html = (report_dir / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert str(report_dir / "report.html") in out.err.replace("\n", "")
+
+
+def test_demo_keeps_existing_data_and_checks_inputs_first(synth_root: Path, tmp_path: Path) -> None:
+    from medssl_cli.errors import UserError
+    from medssl_cli.stages.demo import demo, ensure_synthetic
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    shutil.rmtree(data / "synthetic_organs_sagittal")
+    crc_before = (data / "synthetic_crc" / "images.hdf5").read_bytes()
+    with pytest.raises(UserError, match="synthetic_organs_sagittal"):
+        ensure_synthetic(data)
+    assert (data / "synthetic_crc" / "images.hdf5").read_bytes() == crc_before  # left as it was
+    empty = tmp_path / "empty"
+    with pytest.raises(UserError, match="not found"):  # a bad recipe: found before any data is written
+        demo(data_dir=empty, runs_root=tmp_path / "runs", recipe_file=tmp_path / "nope.yaml")
+    (tmp_path / "afile").write_text("x")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    with pytest.raises(UserError, match="--docs"):
+        demo(data_dir=empty, runs_root=tmp_path / "runs", recipe_file=recipe, docs=tmp_path / "afile")
+    assert not empty.exists() and not (tmp_path / "runs").exists()

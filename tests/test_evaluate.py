@@ -184,3 +184,25 @@ def test_knn_probe_creates_its_own_run(setup, synth_root) -> None:
     assert m["leakage_override"] is False and m["leakage"]["test"]["checked"] is True
     assert run.file("plots", "confusion_test.png").exists()
     assert sorted(p.relative_to(pre.path) for p in pre.path.rglob("*")) == before  # parent untouched
+
+
+def test_moved_runs_root_evaluates_and_writes_where_the_runs_are(
+    tmp_path, synth_root, make_fake_pretrain
+) -> None:
+    """Runs record their parent by absolute path; a runs root copied elsewhere (cluster -> laptop) still
+    finds the parent beside the grid, and a cell's results go into the grid it lies in."""
+    import shutil
+
+    runs = tmp_path / "runs"
+    pre = make_fake_pretrain(runs)
+    grid = finetune({**FAST, "finetune.inits": ["ssl"]}, runs_root=runs, data_dir=synth_root)
+    moved = tmp_path / "moved"
+    shutil.move(runs, moved)
+    assert not pre.path.exists()
+    grid2 = moved / grid.path.name
+    evaluate({}, from_run=grid2 / "cells" / "ssl-linear-f1-s0", runs_root=moved, data_dir=synth_root)
+    assert "test" in read_json(grid2 / "metrics.json")  # the moved grid's summary, not the old path's
+    assert "test" in read_json(grid2 / "cells" / "ssl-linear-f1-s0" / "metrics.json")
+    assert not grid.path.exists()
+    again = finetune({}, resume=grid2, runs_root=moved, data_dir=synth_root)  # finds its parent too
+    assert again.path == grid2 and again.status == "finished"

@@ -22,12 +22,24 @@ SEED = typer.Option(None, "--seed", help="Random seed.")
 
 
 def csv(text: str | None) -> list[str] | None:
-    """'a,b, c' -> ['a', 'b', 'c']; None stays None (= option not given)."""
+    """'a,b, c' -> ['a', 'b', 'c']; None stays None (= option not given).
+
+    An empty item between two values ('a,,b') is refused rather than dropped: such a typo must not
+    run a different list than the one meant. Leading or trailing commas ('a,b,') are dropped."""
     if text is None:
         return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",")]
+    while items and not items[-1]:
+        items.pop()
+    while items and not items[0]:
+        items.pop(0)
     if not items:
         raise UserError(f"Empty list '{text}'.", "Give comma-separated values, e.g. axial,coronal.")
+    if not all(items):
+        raise UserError(
+            f"Empty item in the list '{text}' (two commas in a row).",
+            "Remove the extra comma (or put the missing value there).",
+        )
     return items
 
 

@@ -71,7 +71,7 @@ def synth_cmd(
     out: Path = typer.Option(..., "--out", help="Folder to write the datasets into (becomes a MIMeta root)."),
     organs: int = typer.Option(600, help="Items per organ plane (each plane shows the same items)."),
     crc: int = typer.Option(900, help="Histology images."),
-    size: int = typer.Option(64, help="Stored image size in pixels."),
+    size: int = typer.Option(64, help="Stored image size in pixels (16 to 512)."),
     seed: int = typer.Option(0, help="Generator seed."),
     real_ids: bool = typer.Option(
         False, "--real-ids", help="Use organs_axial/... ids (still marked synthetic)."

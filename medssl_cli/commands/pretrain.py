@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from ..console import console
+from ..errors import UserError
 from . import common
 
 
@@ -64,26 +65,26 @@ def pretrain(
     """Barlow Twins pretraining of a ResNet-18 on the official train split(s)."""
     from ..stages.pretrain import pretrain as run_pretrain
 
-    rec = common.build_recipe(
-        recipe,
-        {
-            "data.datasets": common.csv(datasets),
-            "data.splits": common.csv(splits),
-            "data.image_size": image_size,
-            "data.channels": channels,
-            "model.gray_mode": gray_mode,
-            "pretrain.epochs": epochs,
-            "pretrain.batch_size": batch_size,
-            "pretrain.lr": lr,
-            "pretrain.optimizer": optimizer,
-            "pretrain.knn_every": knn_every,
-            "pretrain.checkpoint_every": checkpoint_every,
-            "compute.seed": seed,
-            "compute.device": device,
-            "compute.precision": precision,
-            "compute.compile": compile_net,
-        },
-    )
+    overrides = {
+        "data.datasets": common.csv(datasets),
+        "data.splits": common.csv(splits),
+        "data.image_size": image_size,
+        "data.channels": channels,
+        "model.gray_mode": gray_mode,
+        "pretrain.epochs": epochs,
+        "pretrain.batch_size": batch_size,
+        "pretrain.lr": lr,
+        "pretrain.optimizer": optimizer,
+        "pretrain.knn_every": knn_every,
+        "pretrain.checkpoint_every": checkpoint_every,
+        "compute.seed": seed,
+        "compute.device": device,
+        "compute.precision": precision,
+        "compute.compile": compile_net,
+    }
+    if resume is not None and run_dir is None:  # both: the stage says "not both"
+        _check_resume_options(resume, recipe, overrides)
+    rec = common.build_recipe(recipe, overrides)
     # A graceful stop raises Interrupted; cli.main prints it and exits with 128 + the signal number.
     run = run_pretrain(
         rec,
@@ -95,3 +96,50 @@ def pretrain(
         requeue=requeue,
     )
     console.print(f"Pretrain run: {run.path}", soft_wrap=True)
+
+
+# The option each recipe key comes from, for the --resume check.
+OPTION_OF = {
+    "data.datasets": "--datasets",
+    "data.splits": "--splits",
+    "data.image_size": "--image-size",
+    "data.channels": "--channels",
+    "model.gray_mode": "--gray-mode",
+    "pretrain.epochs": "--epochs",
+    "pretrain.batch_size": "--batch-size",
+    "pretrain.lr": "--lr",
+    "pretrain.optimizer": "--optimizer",
+    "pretrain.knn_every": "--knn-every",
+    "pretrain.checkpoint_every": "--checkpoint-every",
+    "compute.seed": "--seed",
+    "compute.device": "--device",
+    "compute.precision": "--precision",
+    "compute.compile": "--compile/--no-compile",
+}
+
+
+def _check_resume_options(resume: Path, recipe_file: Path | None, overrides: dict[str, object]) -> None:
+    """``--resume RUN`` continues RUN with its own recipe.yaml. Recipe options or ``--recipe`` that would
+    change it are refused (they were silently ignored before); values equal to the run's pass, as with
+    an unchanged ``--run-dir``."""
+    given = [OPTION_OF[k] for k, v in overrides.items() if v is not None]
+    if recipe_file is not None:
+        given.insert(0, "--recipe")
+    if not given:
+        return
+    from ..cluster import recipe_changes
+    from ..recipe import load_recipe, override
+    from ..runs import Run
+
+    prior = Run(resume)
+    info = prior.manifest  # no run here: the UserError saying so
+    if info.get("stage") != "pretrain" or info.get("status") == "finished":
+        return  # the stage's own error ("not a pretrain run", "already finished") says more
+    old = prior.recipe()
+    changed = recipe_changes(old, override(load_recipe(recipe_file, base=old), overrides))
+    if changed:
+        raise UserError(
+            f"--resume continues {resume} with its own recipe; {', '.join(given)} would change "
+            f"{', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}.",
+            f"Drop {', '.join(given)}, or start a new run without --resume.",
+        )

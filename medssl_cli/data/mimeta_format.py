@@ -9,6 +9,7 @@ synthetic generators (``synth.py``) and by tests that need odd datasets.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -61,7 +62,7 @@ def write_mimeta_dataset(
     target = root / dataset_id
     if target.exists() and not overwrite:
         raise UserError(f"Dataset folder {target} already exists.", "Pass --overwrite to replace it.")
-    root.mkdir(parents=True, exist_ok=True)
+    prepare_root(root)
     work = Path(tempfile.mkdtemp(prefix=".medssl-tmp-", dir=root))
     try:
         tmp = work / dataset_id
@@ -92,6 +93,27 @@ def write_mimeta_dataset(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def prepare_root(root: Path) -> None:
+    """Create the data root ``root`` if needed and check that files can be written there (UserError)."""
+    root = Path(root)
+    hint = "Pass another --out."
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{root} is a file, not a folder.", hint) from None
+    except NotADirectoryError:
+        raise UserError(f"{root}: a part of this path is a file, not a folder.", hint) from None
+    except OSError as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        what = "is not writable" if denied else "cannot be created"
+        raise UserError(f"{root} {what} ({exc.strerror or exc}).", hint) from None
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise UserError(f"{root} is not writable ({exc.strerror or exc}).", hint) from None
 
 
 def _write_hdf5(path: Path, images: np.ndarray) -> None:

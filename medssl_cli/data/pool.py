@@ -22,6 +22,7 @@ from .images import ImageArray, open_h5
 from .registry import TaskInfo, pick_task, resolve_names, scan
 
 SPLITS = ("train", "val", "test")
+FINGERPRINT_VERSION = 2  # 1: rows only; 2: rows + a sample of the pixels
 FINGERPRINT_SAMPLE = 256  # images hashed into Pool.fingerprint: ~13 MB at 224 px RGB, read in well under 1 s
 
 
@@ -66,6 +67,16 @@ class Pool:
                     out.setdefault(ds, {})[split] = sorted(int(i) for i in self.source_idx[m])
         return out
 
+    def _rows_blob(self) -> bytes:
+        return json.dumps(self.seen(), sort_keys=True).encode()
+
+    def matches(self, recorded: dict[str, Any]) -> bool:
+        """Whether a run's recorded provenance (run.json ``data``) names these images. Runs made before
+        ``FINGERPRINT_VERSION`` 2 recorded a hash of the rows only: those are compared on the rows."""
+        if recorded.get("fingerprint_version", 1) >= FINGERPRINT_VERSION:
+            return recorded.get("fingerprint") == self.fingerprint()
+        return recorded.get("fingerprint") == hashlib.sha256(self._rows_blob()).hexdigest()[:16]
+
     def fingerprint(self) -> str:
         """Which images, and what they hold: sha256 of the rows (``seen``) and of up to
         ``FINGERPRINT_SAMPLE`` images spread evenly over the pool, as read (at the pool's size).
@@ -75,7 +86,7 @@ class Pool:
         is not part of it: data copied to a node's scratch disk keeps its fingerprint.
         """
         if self._fingerprint is None:
-            h = hashlib.sha256(json.dumps(self.seen(), sort_keys=True).encode())
+            h = hashlib.sha256(self._rows_blob())
             if len(self):
                 spread = np.linspace(0, len(self) - 1, min(len(self), FINGERPRINT_SAMPLE))
                 idx = torch.from_numpy(np.unique(spread.round().astype(np.int64)))
@@ -95,6 +106,7 @@ class Pool:
             "n_images": len(self),
             "counts": counts,
             "fingerprint": self.fingerprint(),
+            "fingerprint_version": FINGERPRINT_VERSION,
             "channels": self.channels,
             "image_size": self.image_size,
             "conversions": self.conversions,

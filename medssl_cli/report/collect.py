@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..io import read_json
+from ..runs import locate
 
 SKIP_STAGES = ("report", "demo")  # outputs of this command and of the demo wrapper, not results
 
@@ -290,7 +291,7 @@ def collect_grid(grid: Path) -> Collection:
 
         raise UserError(f"--from {grid} is not a finetune grid ({err or 'stage/kind differ'}).")
     _add(col, grid, info)
-    parent = Path(info["parent"]) if info.get("parent") else None
+    parent = locate(info["parent"], grid.parent) if info.get("parent") else None
     if parent is not None:
         pinfo, perr = _json(parent / "run.json")
         if isinstance(pinfo, dict):
@@ -301,6 +302,6 @@ def collect_grid(grid: Path) -> Collection:
             sinfo, _ = _json(d / "run.json")
             if not isinstance(sinfo, dict) or sinfo.get("stage") not in ("tsne", "evaluate"):
                 continue
-            if sinfo.get("parent") and Path(sinfo["parent"]).resolve() == parent.resolve():
+            if sinfo.get("parent") and locate(sinfo["parent"], grid.parent).resolve() == parent.resolve():
                 _add(col, d, sinfo)
     return _sort(col)

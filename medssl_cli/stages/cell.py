@@ -35,7 +35,7 @@ from ..features import cached
 from ..io import write_json, write_text
 from ..metrics import compute_metrics
 from ..models import backbone_meta, save_weights
-from ..preempt import Interrupted, StopFlag
+from ..preempt import GRID_KEPT, Interrupted, StopFlag
 from ..probes import LinearFit, fit_lbfgs, fit_sgd
 from ..recipe import Recipe
 from ..runs import Run, attach_log, create_run, detach_log, recording
@@ -141,7 +141,7 @@ def _run_cell_ddp(ctx: Context, cell: Cell) -> str:
     d = ctx.dist
     signum = distributed.agree_signal(d, (ctx.stop.signum or 0) if ctx.stop else 0)
     if signum:
-        raise Interrupted(str(ctx.grid.path), signum, cell.index)
+        raise Interrupted(str(ctx.grid.path), signum, cell.index, GRID_KEPT)
     if d.is_main:
         return _run_cell(ctx, cell)  # the peers follow inside _cell_body (``_follow``)
     outcome = distributed.from_main(d, lambda: None)
@@ -172,7 +172,7 @@ def _run_cell(ctx: Context, cell: Cell) -> str:
         LOG.info(f"cell {cell.index} {cell.name}: finished before, skipped")
         return _announce(ctx, "skipped")
     if ctx.stop and not ctx.dist.enabled:  # under DDP: agreed on by all ranks in _run_cell_ddp
-        raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, cell.index)
+        raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, cell.index, GRID_KEPT)
     lock = try_cell_lock(ctx.grid.path, cell)
     if lock is None:
         LOG.info(f"cell {cell.index} {cell.name}: running in another process, skipped")

@@ -34,10 +34,19 @@ def ensure_synthetic(root: Path) -> bool:
     """Write the synthetic datasets under ``root`` unless they are there. Returns True if written."""
     from ..data.synth import make_synthetic
 
-    if all((root / ds / "info.yaml").is_file() for ds in DEMO_IDS):
+    present = [ds for ds in DEMO_IDS if (root / ds / "info.yaml").is_file()]
+    if len(present) == len(DEMO_IDS):
         return False
+    if present:  # rewriting them all would silently replace data someone made (other sizes, counts)
+        missing = ", ".join(ds for ds in DEMO_IDS if ds not in present)
+        raise UserError(
+            f"{root} holds some of the demo's synthetic datasets but not {missing}.",
+            f"Rewrite them with `medssl data synth --out {root} --overwrite`, or pass another --data-dir.",
+        )
     LOG.info(f"Writing synthetic MIMeta data to {root}")
-    make_synthetic(root, which=("organs", "crc"), overwrite=True)
+    # no organ plane has an info.yaml: overwrite only clears what a stopped write left; crc if absent
+    crc = () if (root / "synthetic_crc" / "info.yaml").is_file() else ("crc",)
+    make_synthetic(root, which=("organs", *crc), overwrite=True)
     return True
 
 
@@ -89,9 +98,15 @@ def demo(
         times[stage] = round(time.perf_counter() - t0 - sum(times.values()), 1)
         LOG.info(f"[demo] {stage} done in {times[stage]:.0f} s")
 
+    recipe = load_recipe(recipe_file)  # a bad recipe or --docs fails before any data is written
+    if docs is not None and not Path(docs).is_dir():
+        try:
+            Path(docs).mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"--docs {docs}: cannot create the folder ({exc.strerror}).") from None
     ensure_synthetic(root)
     lap("data")
-    run = pretrain(load_recipe(recipe_file), data_dir=root, runs_root=runs_root, name="demo")
+    run = pretrain(recipe, data_dir=root, runs_root=runs_root, name="demo")
     lap("pretrain")
     grid = finetune(
         {}, recipe_file=recipe_file, from_run=run.path, runs_root=runs_root, name="demo", data_dir=root

@@ -38,7 +38,7 @@ from ..metrics import compute_metrics, plot_confusion
 from ..models import load_weights
 from ..probes import knn_scores
 from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, attach_log, create_run, detach_log, find_latest, recording, resolve_run
+from ..runs import Run, attach_log, create_run, detach_log, find_latest, locate, recording, resolve_run
 from . import leakage
 from .finetune import data_root, load_split
 from .grid import finished_cells
@@ -103,7 +103,7 @@ def evaluate(
         raise UserError(
             f"The {split} data's classes differ from the classes grid {grid.path.name} was trained on."
         )
-    parent = Run(Path(info["parent"])) if info.get("parent") else None
+    parent = Run(locate(info["parent"], grid.path.parent)) if info.get("parent") else None
     ssl_cells = [c for c, _ in cells if c["init"] == "ssl"]
     what = f"the {split} split of {', '.join(pool.dataset_ids)}"
     leak = leakage.check(
@@ -153,7 +153,11 @@ def resolve_target(
                 f"Cell {p} is {info.get('status')}, not finished.", "Resume its grid with --resume."
             )
         cell = {k: info[k] for k in ("index", "name", "init", "mode", "fraction", "seed")}
-        return Run(Path(info["grid"])), [(cell, run)]
+        # the grid the cell lies in (cells/<name> below it), which is where a moved or copied grid is
+        grid_dir = p.parent.parent
+        if not (grid_dir / "run.json").is_file() or Run(grid_dir).manifest.get("kind") != "grid":
+            grid_dir = locate(info["grid"], p.parent.parent.parent)
+        return Run(grid_dir), [(cell, run)]
     cells = finished_cells(run)
     if not cells:
         raise UserError(
@@ -308,10 +312,15 @@ def knn_probe(
     recipe = _recipe(pre.recipe(), recipe_file, overrides)
     split, k = recipe.evaluate.split, recipe.evaluate.knn_k
     if k < 1:
-        raise UserError(f"evaluate.knn_k must be >= 1, got {k}.")
+        raise UserError(f"--k (evaluate.knn_k) must be >= 1, got {k}.", "E.g. --k 20.")
     root = data_root(data_dir, pre.manifest.get("data", {}).get("root"))
     compute.configure_threads(recipe.compute.threads)
     bank, queries = load_split(recipe, root, "train"), load_split(recipe, root, split)
+    if k > len(bank):  # knn_scores would clamp silently: record the k actually used
+        LOG.info(
+            f"kNN: k = {k} is more than the {len(bank)} train images in the bank; using k = {len(bank)}."
+        )
+        k = len(bank)
     what = f"the {split} split of {', '.join(queries.dataset_ids)}"
     leak = leakage.check(pre, queries.seen(), root, recipe.evaluate.allow_leakage, what)
     lb = backbones.from_pretrain_run(pre, bank.channels)
@@ -319,7 +328,12 @@ def knn_probe(
     extra = {
         "kind": "knn",
         "split": split,
-        "probe": {"k": k, "vote": "weighted exp(cos/0.07)", "bank": "train"},
+        "probe": {
+            "k": k,
+            "k_requested": recipe.evaluate.knn_k,
+            "vote": "weighted exp(cos/0.07)",
+            "bank": "train",
+        },
         "data": {"root": str(root), "train": bank.provenance(), split: queries.provenance()},
     }
     run = create_run(

@@ -42,7 +42,7 @@ from ..data.registry import resolve_root
 from ..errors import UserError
 from ..preempt import Interrupted, StopFlag
 from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, attach_log, create_run, detach_log, resolve_run
+from ..runs import Run, attach_log, create_run, detach_log, locate, resolve_run
 from .cell import Context, run_cell
 from .grid import (
     Cell,
@@ -197,7 +197,7 @@ def _finetune(
         backbones.from_pretrain_run(parent, train.channels)  # bad or mismatched weights: fail before writing
     if existing is not None:
         grid = Run(existing)
-        _check_same_data(grid, data)
+        _check_same_data(grid, root, {"train": train, "val": val})
     else:
         made = distributed.from_main(
             dist, lambda: str(_create_grid(recipe, parent, cells, data, runs_root, name, grid_dir).path)
@@ -217,7 +217,7 @@ def _reopen(
             f"{path} is not a finetune grid (stage {info.get('stage')}, kind {info.get('kind')})."
         )
     stored = grid.recipe()
-    parent = Run(Path(info["parent"])) if info.get("parent") else None
+    parent = Run(locate(info["parent"], path.parent)) if info.get("parent") else None
     if parent is not None and (not (parent.path / "run.json").is_file() or parent.status != "finished"):
         raise UserError(f"The grid's pretrain run {parent.path} is missing or not finished.")
     if from_run is not None and parent is not None and Path(from_run).resolve() != parent.path.resolve():
@@ -235,12 +235,12 @@ def _reopen(
     return stored, parent
 
 
-def _check_same_data(grid: Run, data: dict[str, Any]) -> None:
+def _check_same_data(grid: Run, root: Path, pools: dict[str, Pool]) -> None:
     stored = grid.manifest.get("data", {})
-    for split in ("train", "val"):
-        if stored.get(split, {}).get("fingerprint") != data[split]["fingerprint"]:
+    for split, pool in pools.items():
+        if not pool.matches(stored.get(split, {})):
             raise UserError(
-                f"The {split} data under {data['root']} differs from what grid {grid.path} used.",
+                f"The {split} data under {root} differs from what grid {grid.path} used.",
                 "Pass the original --data-dir.",
             )
 

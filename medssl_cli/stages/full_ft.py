@@ -39,7 +39,7 @@ from ..errors import TrainingDiverged
 from ..features import extract
 from ..io import append_jsonl
 from ..models import LinearHead, backbone_meta, count_params, save_weights
-from ..preempt import Interrupted
+from ..preempt import GRID_KEPT, Interrupted
 from ..recipe import ViewRecipe
 from ..runs import Run
 
@@ -227,9 +227,9 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
             if d.enabled:
                 signum = distributed.agree_signal(d, (ctx.stop.signum or 0) if ctx.stop else 0)
                 if signum:
-                    raise Interrupted(str(ctx.grid.path), signum, epoch)
+                    raise Interrupted(str(ctx.grid.path), signum, epoch, GRID_KEPT)
             elif ctx.stop:
-                raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, epoch)  # resume = the grid
+                raise Interrupted(str(ctx.grid.path), ctx.stop.signum or 0, epoch, GRID_KEPT)
             if patience_out:
                 break
     if not d.is_main:

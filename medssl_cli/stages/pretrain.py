@@ -22,13 +22,14 @@ batch B/N compute what one process with batch B computes. Only rank 0 writes run
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint, cluster, compute, distributed
-from ..augment import flip_warning
+from ..augment import check_views, flip_warning
 from ..batches import BatchSource, ViewFeed, steps_per_epoch
 from ..chunked import chunked_train_step
 from ..data.pool import Pool, load_pool
@@ -37,7 +38,7 @@ from ..distributed import Dist
 from ..errors import TrainingDiverged, UserError
 from ..io import write_json
 from ..losses import barlow_twins_loss
-from ..models import build_pretrain_net, count_params
+from ..models import build_pretrain_net, check_projector, count_params
 from ..optim import build_optimizer, set_lr
 from ..preempt import Interrupted, StopFlag
 from ..recipe import Recipe
@@ -62,12 +63,35 @@ def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
         raise UserError(f"--epochs must be at least 1, got {p.epochs}.")
     if p.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (batch statistics), got {p.batch_size}.")
-    if p.lr <= 0:
-        raise UserError(f"--lr must be positive, got {p.lr}.")
+    if not (math.isfinite(p.lr) and p.lr > 0):
+        raise UserError(f"--lr (pretrain.lr) must be a finite number > 0, got {p.lr}.", "E.g. --lr 0.03.")
+    for key in ("lr_biases", "weight_decay", "warmup_epochs"):
+        value = getattr(p, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"Recipe key 'pretrain.{key}' must be a finite number >= 0, got {value}.")
+    if not (math.isfinite(p.lambd) and p.lambd > 0):
+        raise UserError(
+            f"Recipe key 'pretrain.lambd' (off-diagonal weight) must be a finite number > 0, got {p.lambd}.",
+            "Barlow Twins uses 0.0051.",
+        )
+    if p.checkpoint_every < 1:
+        raise UserError(
+            f"--checkpoint-every (pretrain.checkpoint_every) must be >= 1 epoch, got {p.checkpoint_every}.",
+            "E.g. --checkpoint-every 10; a stop signal writes a checkpoint anyway.",
+        )
+    if p.knn_every < 0:
+        raise UserError(f"--knn-every (pretrain.knn_every) must be >= 0 (0: off), got {p.knn_every}.")
+    if p.knn_every and recipe.evaluate.knn_k < 1:
+        raise UserError(
+            f"Recipe key 'evaluate.knn_k' (neighbours of the --knn-every monitor) must be >= 1, "
+            f"got {recipe.evaluate.knn_k}."
+        )
     if p.chunk_size < 0 or p.chunk_size == 1:
         raise UserError(
             f"pretrain.chunk_size must be 0 (off) or >= 2 (BatchNorm statistics), got {p.chunk_size}."
         )
+    check_projector(recipe.model.projector)
+    check_views(recipe.views)  # before the run directory exists (ViewFeed checks them again)
 
 
 def train_step(
@@ -129,7 +153,7 @@ def _open_run(
 ) -> str:
     """Rank 0: create the run directory (or check a resumed run's data); returns its path."""
     if kind == "resume":
-        if Run(Path(path or "")).manifest.get("data", {}).get("fingerprint") != pool.fingerprint():
+        if not pool.matches(Run(Path(path or "")).manifest.get("data", {})):
             raise UserError(
                 f"The data under {pool.root} differs from what run {path} was trained on.",
                 "Pass the original --data-dir.",

@@ -102,7 +102,8 @@ def _labelled_split(
 def _knn_monitor(
     recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device, bf16: bool
 ) -> float:
-    """kNN (k=20, cosine) accuracy of the backbone's features, train -> val. Labels only monitor."""
+    """kNN (k = evaluate.knn_k, checked >= 1 by check_recipe; at most the train size; cosine) accuracy of
+    the backbone's features, train -> val. Labels only monitor."""
     from ..features import extract
     from ..probes import knn_predict
 

@@ -195,7 +195,7 @@ def test_moved_runs_root_evaluates_and_writes_where_the_runs_are(
 
     runs = tmp_path / "runs"
     pre = make_fake_pretrain(runs)
-    grid = finetune({**FAST, "finetune.inits": ["ssl"]}, runs_root=runs, data_dir=synth_root)
+    grid = finetune({**FAST, "finetune.inits": ["ssl", "random"]}, runs_root=runs, data_dir=synth_root)
     moved = tmp_path / "moved"
     shutil.move(runs, moved)
     assert not pre.path.exists()
@@ -204,5 +204,7 @@ def test_moved_runs_root_evaluates_and_writes_where_the_runs_are(
     assert "test" in read_json(grid2 / "metrics.json")  # the moved grid's summary, not the old path's
     assert "test" in read_json(grid2 / "cells" / "ssl-linear-f1-s0" / "metrics.json")
     assert not grid.path.exists()
+    evaluate({}, from_run=grid2, runs_root=moved, data_dir=synth_root)  # random cells: the grid's backbone
+    assert "test" in read_json(grid2 / "cells" / "random-linear-f1-s0" / "metrics.json")
     again = finetune({}, resume=grid2, runs_root=moved, data_dir=synth_root)  # finds its parent too
     assert again.path == grid2 and again.status == "finished"

@@ -41,6 +41,13 @@ def test_seed_stats_by_hand() -> None:
     s = aggregate.seed_stats([0.40, None, 0.50])
     assert s["n"] == 2 and s["mean"] == pytest.approx(0.45) and s["std"] == pytest.approx(0.0707107, abs=1e-7)
     assert s["ci"] == pytest.approx([0.45 - 0.6353102, 0.45 + 0.6353102], abs=1e-6)
+    # bounds: an interval past the metric's range is clipped and flagged; inside it, left as is
+    c = aggregate.seed_stats([0.40, 0.50], bounds=(0.0, 1.0))
+    assert c["ci"] == [0.0, 1.0] and c["ci_clipped"] and c["ci_unclipped"][0] == pytest.approx(-0.1853102)
+    assert "ci_clipped" not in aggregate.seed_stats([0.80, 0.85, 0.90], bounds=(0.0, 1.0))
+    # equal values (the same fit for every seed): one distinct result, no std/interval, exact mean
+    same = aggregate.seed_stats([0.1, 0.1, 0.1], bounds=(0.0, 1.0))
+    assert same == {"mean": 0.1, "std": 0.0, "n": 3, "ci": None, "identical": True}
     # one seed: no spread and no interval; none: nothing
     assert aggregate.seed_stats([0.7]) == {"mean": 0.7, "std": None, "n": 1, "ci": None}
     assert aggregate.seed_stats([None]) == {"mean": None, "std": None, "n": 0, "ci": None}
@@ -149,7 +156,7 @@ def make_grid(
     """plan: (init, fraction, seed) -> accuracy | "failed" | "absent" | ("val-only", acc) | ("leak", acc)."""
     g = root / name
     cells = []
-    write_yaml(g / "recipe.yaml", {"finetune": {"head": "lbfgs"}})
+    write_yaml(g / "recipe.yaml", {"finetune": {"head": "lbfgs", "modes": ["linear"], "c_grid": [0.1, 1.0]}})
     for i, ((init, fraction, seed), what) in enumerate(plan.items()):
         cname = f"{init}-linear-f{fraction:g}-s{seed}"
         cells.append(
@@ -178,8 +185,8 @@ def make_grid(
     done = sum(1 for w in plan.values() if w not in ("failed", "absent"))
     status = "finished" if done == len(plan) else "failed"
     data = {"root": "/data", "train": provenance(SYN, 99), "val": provenance(SYN, 30)}
-    run_json(g, "finetune", status, kind="grid", parent=str(parent), cells=cells, data=data,
-             cells_finished=done, cells_total=len(plan))  # fmt: skip
+    # no cells_finished / cells_total: a killed grid never writes them, the report counts the cells
+    run_json(g, "finetune", status, kind="grid", parent=str(parent), cells=cells, data=data)
     return g
 
 
@@ -243,7 +250,10 @@ def test_report_aggregates_test_metrics_and_lists_every_problem(runs_root: Path)
     assert g["accuracy"]["ci"] == pytest.approx([0.85 - 0.1242069, 0.85 + 0.1242069], abs=1e-6)
     assert g["balanced_accuracy"]["mean"] == pytest.approx(0.84)
     r = group(summary, "random", 0.1)
-    assert r["seeds"] == [0, 2] and r["accuracy"]["ci"] == pytest.approx([0.45 - 0.6353102, 0.45 + 0.6353102])
+    # two seeds: the t interval [-0.185, 1.085] reaches past [0, 1]: clipped, flagged, and starred
+    assert r["seeds"] == [0, 2] and r["accuracy"]["ci"] == [0.0, 1.0] and r["accuracy"]["ci_clipped"]
+    assert r["accuracy"]["ci_unclipped"] == pytest.approx([0.45 - 0.6353102, 0.45 + 0.6353102])
+    assert "45.0 ± 7.1 [0.0, 100.0]*" in (out / "report.md").read_text()
     r1 = group(summary, "random", 1.0)  # seed 1 absent, seed 2 has val only: one test value, no CI
     assert r1["seeds"] == [0] and r1["accuracy"]["std"] is None and r1["accuracy"]["ci"] is None
     assert group(summary, "ssl", 1.0)["leakage_override"] is True
@@ -255,11 +265,18 @@ def test_report_aggregates_test_metrics_and_lists_every_problem(runs_root: Path)
     assert (f"{grid}/cells/random-linear-f0.1-s1", "cell not finished") in problems
     assert (f"{grid}/cells/random-linear-f1-s2", "finished cell without test metrics") in problems
     assert (grid, "finetune grid not finished") in problems
+    unfinished = [p for p in summary["missing_or_failed"] if p["what"] == "finetune grid not finished"]
+    (detail,) = [p["detail"] for p in unfinished]
+    done = sum(w not in ("failed", "absent") for w in PLAN.values())
+    assert detail == f"{done} of {len(PLAN)} cells finished"  # from the cells: run.json has no totals
     assert ("pretrain-broken-20260101-000001", "pretrain run not finished") in problems
     assert any(w == "junk" for w, _ in problems)
     assert not any(".cache" in w for w, _ in problems)
 
     md = (out / "report.md").read_text()
+    assert "linear: L-BFGS logistic regression, C from [0.1, 1.0] chosen on val" in md
+    # rows with fewer seeds than planned say so, in the table itself
+    assert "| 2 of 3 (0, 2) |" in md and "| 1 of 3 (0) |" in md and "INCOMPLETE: in 2 row(s)" in md
     missing = md[md.index("## Missing or failed") :]
     for name in ("random-linear-f1-s1", "random-linear-f0.1-s1", "random-linear-f1-s2", "pretrain-broken"):
         assert name in missing

@@ -3,8 +3,9 @@
 For one (init, mode, fraction) group with per-seed values x_1..x_n of a metric:
 
 - mean = sum(x) / n; sample std s = sqrt(sum((x - mean)^2) / (n - 1)) (ddof = 1; undefined for n = 1);
-- 95% CI of the mean over seeds: Student t interval mean ± t_{0.975, n-1} * s / sqrt(n) (n >= 2).
-  It covers seed-to-seed variation (label subset draw + training), not the test-set sampling error;
+- 95% CI of the mean over seeds: Student t interval mean ± t_{0.975, n-1} * s / sqrt(n) (n >= 2),
+  clipped to the metric's range [0, 1] (flagged). It covers seed-to-seed variation (label subset
+  draw + training), not the test-set sampling error. Seeds with equal values get no interval;
 - accuracy also gets the mean over seeds of each run's own 95% interval (Wilson by default, from
   evaluate): the test-set sampling uncertainty of a single run. Pooling the seeds' predictions into
   one Wilson interval is not done: every seed is scored on the same test images, so pooled counts are
@@ -28,18 +29,32 @@ def t_quantile(df: int, level: float = LEVEL) -> float:
     return float(t.ppf(0.5 + level / 2, df))
 
 
-def seed_stats(values: Sequence[float | None], level: float = LEVEL) -> dict[str, Any]:
-    """{"mean", "std", "n", "ci": [lo, hi] | None} over the non-missing values (see module docstring)."""
+def seed_stats(
+    values: Sequence[float | None], level: float = LEVEL, bounds: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """{"mean", "std", "n", "ci": [lo, hi] | None} over the non-missing values (see module docstring).
+
+    Values that are all equal (n >= 2) are flagged ``identical`` (std 0, no interval: the seeds did not
+    vary the result, e.g. the same subset and a deterministic fit). ``bounds``: the metric's range; an
+    interval reaching past it (few seeds: t_{0.975,1} = 12.7) is clipped to it and flagged
+    ``ci_clipped``, with the unclipped one in ``ci_unclipped``.
+    """
     v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
     n = len(v)
     if n == 0:
         return {"mean": None, "std": None, "n": 0, "ci": None}
-    mean = sum(v) / n
+    mean = v[0] + sum(x - v[0] for x in v) / n  # exact when the values are equal (no 1e-17 std)
     if n == 1:
         return {"mean": mean, "std": None, "n": 1, "ci": None}
+    if all(x == v[0] for x in v):
+        return {"mean": v[0], "std": 0.0, "n": n, "ci": None, "identical": True}
     std = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
     half = t_quantile(n - 1, level) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "n": n, "ci": [mean - half, mean + half]}
+    ci = [mean - half, mean + half]
+    out: dict[str, Any] = {"mean": mean, "std": std, "n": n, "ci": ci}
+    if bounds is not None and (ci[0] < bounds[0] or ci[1] > bounds[1]):
+        out.update(ci=[max(ci[0], bounds[0]), min(ci[1], bounds[1])], ci_clipped=True, ci_unclipped=ci)
+    return out
 
 
 def mean_interval(intervals: Sequence[Sequence[float] | None]) -> list[float] | None:
@@ -93,9 +108,10 @@ def group_cells(
                 "cells": [c["name"] for c in members],
                 "n_train": [c.get("n_train") for c in members],
                 "n_eval": sorted({m.get("n") for m in ms if m.get("n") is not None}),
-                **{k: seed_stats([m.get(k) for m in ms]) for k in METRIC_KEYS},
+                **{k: seed_stats([m.get(k) for m in ms], bounds=(0.0, 1.0)) for k in METRIC_KEYS},
                 "accuracy_run_ci_mean": mean_interval([m.get("accuracy_ci") for m in ms]),
                 "run_ci_method": ", ".join(methods) or None,
+                "run_ci_methods": methods,
                 "leakage_override": any(bool(c.get("leakage_override")) for c in members),
             }
         )

@@ -53,12 +53,37 @@ def synthetic_map(ids: list[str], provenance: dict[str, Any] | None) -> dict[str
     return {d: bool(recorded.get(d)) or d.startswith("synthetic_") for d in ids}
 
 
-def _recipe_value(run_dir: Path, section: str, key: str) -> Any:
+def _recipe_value(run_dir: Path, section: str, key: str | None) -> Any:
+    """recipe.yaml's ``section.key`` (``key`` None: the whole section); None if unreadable."""
     try:
         data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
-        return (data.get(section) or {}).get(key)
+        part = data.get(section) or {}
+        return part if key is None else part.get(key)
     except (OSError, yaml.YAMLError, AttributeError):
         return None
+
+
+def grid_settings(ft: dict[str, Any] | None) -> str | None:
+    """The training settings a methods section needs, per mode of the grid (from its finetune recipe)."""
+    if not isinstance(ft, dict):
+        return None
+    parts = []
+    modes = ft.get("modes") or []
+    if "linear" in modes and ft.get("head") == "sgd":
+        parts.append(
+            f"linear: SGD head (AdamW), lr {ft.get('lr_head')}, weight decay {ft.get('weight_decay')}, "
+            f"batch {ft.get('batch_size')}, up to {ft.get('epochs')} epochs, early stopping on val "
+            f"(patience {ft.get('patience')})"
+        )
+    elif "linear" in modes:
+        parts.append(f"linear: L-BFGS logistic regression, C from {ft.get('c_grid')} chosen on val")
+    if "full" in modes:
+        parts.append(
+            f"full: AdamW, lr backbone {ft.get('lr_backbone')} / head {ft.get('lr_head')}, weight decay "
+            f"{ft.get('weight_decay')}, batch {ft.get('batch_size')}, up to {ft.get('epochs')} epochs, early "
+            f"stopping on val (patience {ft.get('patience')})"
+        )
+    return "; ".join(parts) or None
 
 
 def _file(path: Path) -> str | None:
@@ -172,6 +197,7 @@ def read_grid(path: Path, info: dict[str, Any], col: Collection) -> dict[str, An
         "n_train_split": train.get("n_images"),
         "n_val": (data.get("val") or {}).get("n_images"),
         "head": _recipe_value(path, "finetune", "head"),
+        "settings": grid_settings(_recipe_value(path, "finetune", None)),
         "cells_planned": len(planned),
         "cells": cells,
     }
@@ -231,6 +257,7 @@ def read_tsne(path: Path, info: dict[str, Any], col: Collection) -> dict[str, An
         backbones=m.get("backbones") or [],
         knn_k=(m.get("knn") or {}).get("k"),
         perplexity=(m.get("tsne") or {}).get("perplexity"),
+        perplexity_requested=(m.get("tsne") or {}).get("perplexity_requested"),
         chance_accuracy=m.get("chance_accuracy"),
         leakage_override=bool(m.get("leakage_override")),
     )
@@ -246,12 +273,16 @@ def _add(col: Collection, path: Path, info: dict[str, Any]) -> None:
     if stage == "pretrain":
         col.pretrain.append(read_pretrain(path, info, col))
     elif stage == "finetune" and info.get("kind") == "grid":
-        if status != "finished":
-            n_done, n_all = info.get("cells_finished"), info.get("cells_total")
+        grid = read_grid(path, info, col)
+        if status != "finished":  # counted from the cells: a killed grid never wrote its totals
+            n_done = sum(c["status"] == "finished" for c in grid["cells"])
             col.problem(
-                path.name, "finetune grid not finished", status, f"{n_done} of {n_all} cells finished"
+                path.name,
+                "finetune grid not finished",
+                status,
+                f"{n_done} of {grid['cells_planned']} cells finished",
             )
-        col.grids.append(read_grid(path, info, col))
+        col.grids.append(grid)
     elif stage == "evaluate" and info.get("kind") == "knn":
         col.knn.append(read_knn(path, info, col))
     elif stage == "tsne":

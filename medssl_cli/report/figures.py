@@ -51,6 +51,8 @@ def fraction_plot(rows: list[dict[str, Any]], path: Path, title: str, metric: st
             label=f"{series_label(init, mode)} ({n_seeds} seed{'s' if seeds[-1] > 1 else ''})",
         )  # fmt: skip
     ax.set_xscale("log")
+    if len(fractions) == 1:  # else the axis spans only the dodge and the series look far apart
+        ax.set_xlim(50 * fractions[0], 200 * fractions[0])
     ax.set_xticks([100 * f for f in fractions], [pct_label(f) for f in fractions])
     ax.minorticks_off()
     ax.set_xlabel("labelled training images (fraction of the train split, log scale)")

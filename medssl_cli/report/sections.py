@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .aggregate import METRIC_KEYS
 from .collect import Collection
 from .figures import INIT_NAMES, pct_label
 from .render import Block, Bullets, Heading, Image, Para, Table
@@ -37,14 +38,23 @@ def num(x: Any, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def stat(s: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
-    """'91.2 ± 1.3 [88.0, 94.4]'; one seed: '91.2 (1 seed)'."""
+    """'91.2 ± 1.3 [88.0, 94.4]'; one seed: '91.2 (1 seed)'; equal seeds: '91.2 (same in 3 seeds)';
+    an interval clipped to the metric's range ends in '*'."""
     if s.get("mean") is None:
         return "n/a"
     m = num(s["mean"], digits, scale)
+    if s.get("identical"):
+        return f"{m} (same in {s['n']} seeds)"
     if s.get("n", 0) < 2 or s.get("std") is None:
         return f"{m} (1 seed)"
     lo, hi = s["ci"]
-    return f"{m} ± {num(s['std'], digits, scale)} [{num(lo, digits, scale)}, {num(hi, digits, scale)}]"
+    star = "*" if s.get("ci_clipped") else ""
+    return f"{m} ± {num(s['std'], digits, scale)} [{num(lo, digits, scale)}, {num(hi, digits, scale)}]{star}"
+
+
+def _clipped(r: dict[str, Any]) -> str:
+    asked = r.get("perplexity_requested")
+    return f" (clipped from {asked:g} for the sample size)" if asked and asked != r.get("perplexity") else ""
 
 
 def pct(x: Any) -> str:
@@ -157,17 +167,28 @@ def pretraining(col: Collection) -> list[Block]:
 def _comparison(g: dict[str, Any]) -> Table:
     grid, split = g["grid"], g["split"]
     n_eval = _span([n for r in g["rows"] for n in r["n_eval"]])
-    methods = sorted({r["run_ci_method"] for r in g["rows"] if r.get("run_ci_method")})
-    rows = [
-        [
+    methods = sorted({m for r in g["rows"] for m in r.get("run_ci_methods") or []})
+    planned: dict[tuple[str, str, float], int] = {}  # seeds planned per row, from the grid's cells
+    for c in grid["cells"]:
+        key = (c["init"], c["mode"], float(c["fraction"]))
+        planned[key] = planned.get(key, 0) + 1
+    rows, short = [], 0
+    for r in g["rows"]:
+        n_plan = planned.pop((r["init"], r["mode"], float(r["fraction"])), len(r["seeds"]))
+        seeds = f"{len(r['seeds'])} ({', '.join(map(str, r['seeds']))})"
+        if len(r["seeds"]) < n_plan:
+            short, seeds = short + 1, f"{len(r['seeds'])} of {n_plan} ({', '.join(map(str, r['seeds']))})"
+        mixed = " (mixed methods)" if len(r.get("run_ci_methods") or []) > 1 else ""
+        rows.append([
             INIT_NAMES.get(r["init"], r["init"]) + (LEAK_MARK if r.get("leakage_override") else ""),
-            r["mode"], pct_label(r["fraction"]), _span(r["n_train"]),
-            f"{len(r['seeds'])} ({', '.join(map(str, r['seeds']))})", stat(r["accuracy"]),
-            interval(r["accuracy_run_ci_mean"]),
+            r["mode"], pct_label(r["fraction"]), _span(r["n_train"]), seeds, stat(r["accuracy"]),
+            interval(r["accuracy_run_ci_mean"]) + mixed,
             stat(r["balanced_accuracy"]), stat(r["macro_f1"]), stat(r["auroc"], 1.0, 3),
-        ]
-        for r in g["rows"]
-    ]  # fmt: skip
+        ])  # fmt: skip
+    for (init, mode, fraction), n_plan in planned.items():  # planned rows without any result
+        short += 1
+        rows.append([INIT_NAMES.get(init, init), mode, pct_label(fraction), "?", f"0 of {n_plan}"]
+                    + ["n/a"] * 5)  # fmt: skip
     headers = ["init", "mode", "labels", "labelled images", "seeds", "accuracy %",
                "accuracy % per-run 95% CI", "balanced accuracy %", "macro-F1 %", "macro AUROC"]  # fmt: skip
     data = ds_list(grid["datasets"], grid["synthetic"])
@@ -175,11 +196,19 @@ def _comparison(g: dict[str, Any]) -> Table:
         f"{split.upper()} metrics of grid {grid['name']} on {data} ({n_eval} {split} images per run). "
         f"{STATS_NOTE} Per-run CI method: {', '.join(methods) or 'n/a'}."
     )
-    same = [r for r in g["rows"] if r["accuracy"]["n"] > 1 and r["accuracy"]["std"] == 0]
+    same = [r for r in g["rows"] if r["accuracy"].get("identical")]
     if same:
         caption += (
-            f" std 0 in {len(same)} row(s): every seed gave the same result (e.g. 100% labels, where the "
-            "subset is the whole train split, with the deterministic L-BFGS head)."
+            f" 'same in n seeds' ({len(same)} row(s)): every seed gave the same result, one distinct run, "
+            "so no std or interval (e.g. 100% labels, where the subset is the whole train split, with the "
+            "deterministic L-BFGS head)."
+        )
+    if any(r[k].get("ci_clipped") for r in g["rows"] for k in METRIC_KEYS):
+        caption += " *: the t interval reached past the metric's range (few seeds) and is clipped to it."
+    if short:
+        caption += (
+            f" INCOMPLETE: in {short} row(s) only k of the n planned seeds have {split} metrics ('k of n'); "
+            "the statistics cover those k (see Missing or failed)."
         )
     if any(r.get("leakage_override") for r in g["rows"]):
         caption += " [LEAKAGE OVERRIDE]: some cells were evaluated on images their backbone pretrained on."
@@ -188,7 +217,7 @@ def _comparison(g: dict[str, Any]) -> Table:
             f"NO TEST METRICS: these are VALIDATION metrics, the split used for model selection, so they are "
             f"optimistic. Run `medssl evaluate --from {grid['path']}` for test metrics. " + caption
         )
-    return Table(headers, rows, caption, warning=g["fallback"])
+    return Table(headers, rows, caption, warning=g["fallback"] or short > 0)
 
 
 def label_efficiency(grids: list[dict[str, Any]]) -> list[Block]:
@@ -202,8 +231,8 @@ def label_efficiency(grids: list[dict[str, Any]]) -> list[Block]:
         blocks.append(
             Para(
                 f"Status {grid['status']}: {done} of {grid['cells_planned']} planned cells finished; "
-                f"pretrain run {grid['parent_name'] or 'none (ImageNet/random only)'}; head "
-                f"{grid.get('head') or '?'}."
+                f"pretrain run {grid['parent_name'] or 'none (ImageNet/random only)'}; "
+                f"{grid.get('settings') or 'settings unknown (no recipe.yaml)'}."
             )
         )
         if not g["rows"]:
@@ -211,10 +240,9 @@ def label_efficiency(grids: list[dict[str, Any]]) -> list[Block]:
             continue
         blocks.append(_comparison(g))
         if g.get("img_fraction"):
-            blocks.append(
-                Image(g["img_fraction"], "accuracy vs label fraction",
-                      f"{g['split']} accuracy vs label fraction (log x axis); error bars ±1 std over seeds.")
-            )  # fmt: skip
+            warn = "VALIDATION metrics (the model-selection split: optimistic). " if g["fallback"] else ""
+            what = f"{g['split']} accuracy vs label fraction (log x axis); error bars ±1 std over seeds."
+            blocks.append(Image(g["img_fraction"], "accuracy vs label fraction", warn + what))
         for name, path in g.get("img_confusions", []):
             blocks.append(
                 Image(path, f"confusion matrix of {name}", f"Confusion matrix ({g['split']}) of {name}.")
@@ -263,9 +291,10 @@ def tsne(col: Collection) -> list[Block]:
         ]  # fmt: skip
         caption = (
             f"{ds_list(r['datasets'], r['synthetic'])}, {r['split']} split, n = {r['n']} (stratified "
-            f"sample); perplexity {num(r['perplexity'], 1)}. Feature-space scores are the claim: silhouette "
-            f"with cosine distance on the L2-normalised features, and leave-one-out {r['knn_k']}-NN accuracy "
-            f"within the sample (majority-class rate {pct(r['chance_accuracy'])}%). 2-D: reference only."
+            f"sample); perplexity {num(r['perplexity'], 1)}{_clipped(r)}. Feature-space scores are the "
+            f"claim: silhouette with cosine distance on the L2-normalised features, and leave-one-out "
+            f"{r['knn_k']}-NN accuracy within the sample (majority-class rate {pct(r['chance_accuracy'])}%). "
+            "2-D: reference only."
             + (
                 "  LEAKAGE OVERRIDE: a backbone saw these images or subjects."
                 if r["leakage_override"]

@@ -197,8 +197,9 @@ class _Evaluator:
                 lb = backbones.from_pretrain_run(self.parent, c)
             elif init == "imagenet":
                 lb = backbones.imagenet(c)
-            else:
-                lb = backbones.from_file(Path(trained.get("source", "")), c)
+            else:  # the grid's own copy (the recorded path may be relative, or from before a move)
+                recorded = Path(trained.get("source", ""))
+                lb = backbones.from_file(self.grid.file("backbones", recorded.name), c)
             if key and lb.key != key:
                 raise UserError(
                     f"The {init} backbone ({lb.info.get('source')}) is not the one the cells were trained on "

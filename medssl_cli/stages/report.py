@@ -73,6 +73,7 @@ def _grid_figures(g: dict[str, Any], out: Path, primary: bool) -> None:
     n_eval = sorted({n for r in g["rows"] for n in r["n_eval"]})
     title = (
         ("SYNTHETIC DATA - " if synthetic else "")
+        + ("VALIDATION (model-selection split, optimistic) - " if g["fallback"] else "")
         + f"{split} accuracy vs label fraction: {', '.join(grid['datasets'])} ({split} split, "
         + f"n = {'/'.join(map(str, n_eval)) or '?'}), grid {grid['name']}"
     )

@@ -300,7 +300,7 @@ def _run(
         labels,
         pool.class_names,
         run.file("plots", "tsne.png"),
-        _suptitle(pool, t.split, n, k),
+        _suptitle(pool, t.split, n, k, perplexity),
         note=f"Scores on the original L2-normalised features: silhouette (cosine distance) and leave-one-out "
         f"{k}-NN accuracy within the sample (majority-class rate {metrics['chance_accuracy']:.3f}).",
     )
@@ -308,10 +308,13 @@ def _run(
     return metrics
 
 
-def _suptitle(pool: Pool, split: str, n: int, k: int) -> str:
+def _suptitle(pool: Pool, split: str, n: int, k: int, perplexity: float) -> str:
     ds = ", ".join(pool.dataset_ids)
     head = "SYNTHETIC DATA - " if pool.synthetic else ""
-    return f"{head}t-SNE of frozen ResNet-18 features: {ds}, {split} split, n = {n} (k = {k} for kNN)"
+    return (
+        f"{head}t-SNE of frozen ResNet-18 features: {ds}, {split} split, n = {n}, perplexity {perplexity:g} "
+        f"(k = {k} for kNN)"
+    )
 
 
 def _sample_record(pool: Pool, t: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to log.txt, pri
     shift 2
     s=$(date +%s)
     echo "=== $name (limit ${limit}s): $*" >>"$LOG"
-    timeout "$limit" "$@" >>"$LOG" 2>&1
+    timeout -k 15 "$limit" "$@" >>"$LOG" 2>&1  # -k: medssl takes SIGTERM as a graceful stop
     rc=$?
     echo "=== $name rc=$rc $(($(date +%s) - s))s" | tee -a "$LOG"
 }
@@ -40,9 +40,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG
     nproc
 } 2>&1 | tee -a "$LOG"
 
-# Synthetic organ planes at 224 px for the feature benchmark, written in the background meanwhile.
+# Synthetic organ planes at 224 px for the feature benchmark, written in the background meanwhile
+# (niced, one thread: the timed host-side pipeline steps run at the same time on this machine).
 SYNTH=""
-case "$QUICK ${MEDSSL_CHECK_STEPS:-feat}" in 0*feat*) python3 - "$WORK/cache/organs-224px-1645" <<'EOF' >>"$LOG" 2>&1 &
+case "$QUICK ${MEDSSL_CHECK_STEPS:-feat}" in 0*feat*) OMP_NUM_THREADS=1 nice -n 19 python3 - "$WORK/cache/organs-224px-1645" <<'EOF' >>"$LOG" 2>&1 &
 import sys, time
 from pathlib import Path
 from medssl_cli.data.synth import make_synthetic

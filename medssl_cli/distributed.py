@@ -30,6 +30,7 @@ import datetime
 import logging
 import os
 import re
+import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import product
@@ -127,7 +128,7 @@ def detect(env: Mapping[str, str] | None = None) -> Dist:
     """Where this process stands: torchrun, srun, or alone (see the module doc)."""
     env = os.environ if env is None else env
     if env.get("MEDSSL_DIST", "").lower() in ("off", "0", "no"):
-        return Dist()
+        return Dist(job_id=env.get("SLURM_JOB_ID"))  # one process, but still a SLURM job (--requeue)
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         return Dist(
@@ -153,6 +154,7 @@ def detect(env: Mapping[str, str] | None = None) -> Dist:
         node = int(env.get("SLURM_NODEID", 0))
         local_world = per_node[node] if node < len(per_node) else world
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        nodes = (nodes or "").strip()
         master = env.get("MASTER_ADDR") or (expand_nodelist(nodes)[0] if nodes else "127.0.0.1")
         return Dist(
             rank=int(env["SLURM_PROCID"]),
@@ -233,12 +235,13 @@ def _collective_device() -> torch.device:
 
 
 def agree_signal(d: Dist, signum: int) -> int:
-    """The largest pending stop signal over all ranks (0: none), so every rank stops at the same step."""
+    """The pending stop signal of all ranks (0: none), so every rank stops at the same step: SIGINT if
+    any rank has it (a stop for good wins over USR1/TERM, which requeue), else the largest."""
     if not d.enabled:
         return signum
-    t = torch.tensor([signum], dtype=torch.int64, device=_collective_device())
+    t = torch.tensor([int(signum == signal.SIGINT), signum], dtype=torch.int64, device=_collective_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return int(t.item())
+    return int(signal.SIGINT) if t[0].item() else int(t[1].item())
 
 
 def _failure(exc: BaseException) -> tuple[str, str | None, bool]:

@@ -45,9 +45,10 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signum = signum
+        if self.signum != signal.SIGINT:  # SIGINT (a stop for good) is not replaced by USR1/TERM (requeue)
+            self.signum = signum
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():

@@ -358,3 +358,25 @@ def test_guarded_run_records_stop_failure_and_refuses_a_live_run(tmp_path: Path)
     with pytest.raises(RuntimeError):
         cluster.guarded_run(run, Dist(), crash)
     assert run.status == "failed" and run.manifest["error"] == "RuntimeError: CUDA out of memory"
+
+
+def test_dist_off_keeps_the_slurm_job_id() -> None:
+    """MEDSSL_DIST=off (one process in a batch script) is still a SLURM job: --requeue needs its id."""
+    d = distributed.detect({"MEDSSL_DIST": "off", "SLURM_JOB_ID": "7100", "SLURM_NTASKS": "4"})
+    assert not d.enabled and d.job_id == "7100"
+
+
+def test_stop_flag_keeps_sigint_over_requeue_signals() -> None:
+    from medssl_cli.preempt import StopFlag
+
+    f = StopFlag()
+    f._handle(signal.SIGINT, None)
+    f._handle(signal.SIGUSR1, None)  # a later time-limit warning does not turn a stop into a requeue
+    f._handle(signal.SIGTERM, None)
+    assert f.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+        f._handle(signal.SIGINT, None)
+    g = StopFlag()
+    g._handle(signal.SIGUSR1, None)
+    g._handle(signal.SIGINT, None)  # Ctrl-C after the warning: a graceful stop for good, not an abort
+    assert g.signum == signal.SIGINT

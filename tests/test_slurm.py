@@ -155,3 +155,53 @@ def test_sigusr1_checkpoints_requeues_and_the_same_command_resumes(
     losses = [[h["loss"] for h in map(json.loads, r.joinpath("history.jsonl").read_text().splitlines())]
               for r in (ref.path, run_dir)]  # fmt: skip
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def _grid_job(tmp_path: Path, medssl_body: str) -> tuple[dict[str, str], Path]:
+    """A grid array task whose `medssl` is a stub (its exit code is what the script acts on)."""
+    bin_dir = tmp_path / "stubbin"
+    bin_dir.mkdir()
+    _stub(bin_dir / "srun", 'while [[ "${1:-}" == -* ]]; do shift; done\nexec "$@"\n')
+    _stub(bin_dir / "scontrol", f'echo "$@" >> "{tmp_path}/scontrol.calls"\n')
+    _stub(bin_dir / "medssl", medssl_body)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4400",
+           "SLURM_ARRAY_JOB_ID": "4399", "SLURM_ARRAY_TASK_ID": "0",
+           "MEDSSL_RUNS": str(tmp_path / "runs")}  # fmt: skip
+    return env, tmp_path / "scontrol.calls"
+
+
+def _grid_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    script = str(SLURM / "finetune-grid.sbatch")
+    return subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("rc,requeued", [(1, True), (143, True), (2, False), (130, False), (0, False)])
+def test_grid_script_requeues_failures_but_not_user_errors_or_sigint(
+    tmp_path: Path, rc: int, requeued: bool
+) -> None:
+    env, calls = _grid_job(tmp_path, f"exit {rc}\n")
+    out = _grid_script(env)
+    assert out.returncode == rc, out.stdout + out.stderr
+    assert calls.exists() == requeued
+    assert not requeued or calls.read_text().split() == ["requeue", "4400"]
+    bad = _grid_script({**env, "MEDSSL_MAX_RESTARTS": "x"})
+    assert bad.returncode == 2 and "MEDSSL_MAX_RESTARTS" in bad.stderr
+
+
+def test_grid_script_survives_sigterm_and_requeues(tmp_path: Path) -> None:
+    """SLURM's SIGTERM reaches the batch shell too: it must wait for the cell, then requeue."""
+    import signal
+    import time
+
+    started = tmp_path / "started"
+    env, calls = _grid_job(tmp_path, f"trap 'sleep 1; exit 143' TERM\ntouch {started}\nsleep 30 & wait\n")
+    proc = subprocess.Popen(["bash", str(SLURM / "finetune-grid.sbatch")], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    for _ in range(100):
+        if started.exists():
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # like SLURM: every process of the job
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out
+    assert calls.read_text().split() == ["requeue", "4400"], out

@@ -7,7 +7,8 @@ Launchers (first match wins; ``MEDSSL_DIST=off`` ignores them all and runs one p
 - ``torchrun``: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
 - ``srun`` (one task per GPU): SLURM_PROCID, SLURM_STEP_NUM_TASKS (else SLURM_NTASKS), SLURM_LOCALID,
   the first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST / SLURM_NODELIST as master (``node[01-03,07]``
-  -> ``node01``), MASTER_PORT if set, else 15000 + SLURM_JOB_ID mod 20000 (one job, one port).
+  -> ``node01``), MASTER_PORT if set, else 15000 + SLURM_JOB_ID mod 17000 (one job, one port, below
+  Linux's ephemeral ports from 32768).
 
 Backends: NCCL when the training device is CUDA (each rank on ``cuda:<local rank>``), gloo on CPU.
 BatchNorm layers become synchronised (global-batch statistics): ``torch.nn.SyncBatchNorm`` on CUDA,
@@ -29,11 +30,9 @@ import contextlib
 import datetime
 import logging
 import os
-import re
 import signal
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from itertools import product
 from typing import Any, TypeVar
 
 import torch
@@ -41,6 +40,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from .errors import UserError
+from .slurm_env import expand_nodelist, slurm_port, tasks_per_node
 
 LOG = logging.getLogger("medssl")
 T = TypeVar("T")
@@ -81,47 +81,6 @@ class Dist:
 
 # --------------------------------------------------------------------------------------------
 # Environment
-
-
-def expand_nodelist(text: str) -> list[str]:
-    """SLURM's compact host list -> host names: ``a[01-03,7],b2`` -> a01 a02 a03 a7 b2.
-
-    Zero padding follows the range start (``[08-10]`` -> 08 09 10); several bracket groups in one name
-    (``r[1-2]n[1-2]``) expand to their product, as ``scontrol show hostnames`` does.
-    """
-    hosts: list[str] = []
-    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", text.strip()):
-        parts = re.split(r"(\[[^\]]*\])", item)
-        choices: list[list[str]] = []
-        for part in parts:
-            if part.startswith("["):
-                values: list[str] = []
-                for rng in part[1:-1].split(","):
-                    lo, _, hi = rng.partition("-")
-                    if not lo.isdigit() or (hi and not hi.isdigit()):
-                        raise ValueError(f"bad SLURM node list {text!r}")
-                    values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi or lo) + 1)]
-                choices.append(values)
-            else:
-                choices.append([part])
-        hosts += ["".join(p) for p in product(*choices)]
-    return hosts
-
-
-def tasks_per_node(text: str) -> list[int]:
-    """SLURM_TASKS_PER_NODE ``2(x3),1`` -> [2, 2, 2, 1]."""
-    out: list[int] = []
-    for item in text.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
-        if m:
-            out += [int(m.group(1))] * int(m.group(2) or 1)
-    return out
-
-
-def slurm_port(job_id: str | None) -> int:
-    """A port every task of a job agrees on without talking: 15000 + job id mod 20000."""
-    digits = re.sub(r"\D", "", job_id or "")
-    return 15000 + int(digits or 0) % 20000
 
 
 def detect(env: Mapping[str, str] | None = None) -> Dist:

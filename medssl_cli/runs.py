@@ -150,6 +150,16 @@ class Run:
         extra = {"ended": _now()} if status != "running" else {}
         self.update(status=status, **extra, **fields)
 
+    def reopen(self) -> None:
+        """A resumed run is running again: its earlier outcome (status, stop signal and step, requeue,
+        error, end time) moves into the list ``stops``, so a finished run shows no stale stop fields."""
+        data = self.manifest
+        prior = {k: data.pop(k) for k in ("status", "stop_signal", "stop_step", "requeue", "error", "ended")
+                 if k in data}  # fmt: skip
+        data["stops"] = [*data.get("stops", []), prior]
+        data["status"] = "running"
+        write_json(self.manifest_path, data)
+
     def file(self, *parts: str) -> Path:
         return self.path.joinpath(*parts)
 

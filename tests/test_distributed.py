@@ -55,6 +55,7 @@ def test_detect_torchrun_slurm_and_alone() -> None:
     s = detect(slurm)
     assert (s.rank, s.world_size, s.local_rank, s.local_world_size, s.launcher) == (5, 8, 1, 4, "slurm")
     assert (s.master_addr, s.master_port, s.job_id) == ("gpu07", 15000 + 4242, "4242")
+    assert distributed.slurm_port("12345678") == 15000 + 12345678 % 17000 < 32768  # below ephemeral ports
     assert detect({**slurm, "MASTER_ADDR": "ib-gpu07", "MASTER_PORT": "2000"}).master_addr == "ib-gpu07"
     assert detect({**slurm, "MEDSSL_DIST": "off"}).world_size == 1
     # The brief's faked single-task environment: one process, nothing to initialise.

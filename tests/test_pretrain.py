@@ -102,7 +102,9 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(
     c = Run(run_dir)
     assert c.status == "interrupted" and checkpoint.latest(c.file("checkpoint")) is not None
     stage.pretrain(r, resume=run_dir)
-    assert Run(run_dir).status == "finished"
+    info = Run(run_dir).manifest
+    assert info["status"] == "finished" and "stop_step" not in info  # the stop moved to "stops"
+    assert [s["status"] for s in info["stops"]] == ["interrupted"] and "stop_step" in info["stops"][0]
     assert same(weights(a), weights(c))
     ha = [json.loads(x) for x in a.file("history.jsonl").read_text().splitlines()]
     hc = [json.loads(x) for x in c.file("history.jsonl").read_text().splitlines()]

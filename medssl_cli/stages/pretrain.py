@@ -212,7 +212,13 @@ def pretrain(
         pool = distributed.check_all(dist, lambda: _checked_pool(recipe, data_dir, allow_test_split, dist))
         path = distributed.from_main(dist, lambda: _open_run(kind, path, recipe, pool, runs_root, name))
         run = Run(Path(path))
-        return cluster.guarded_run(run, dist, lambda stop: _train(run, recipe, pool, dist, stop), requeue)
+
+        def body(stop: StopFlag) -> None:
+            if kind == "resume" and dist.is_main:  # in the run lock: a refused second process marks nothing
+                run.reopen()
+            _train(run, recipe, pool, dist, stop)
+
+        return cluster.guarded_run(run, dist, body, requeue)
 
 
 def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> None:

@@ -187,7 +187,7 @@ def test_knn_probe_creates_its_own_run(setup, synth_root) -> None:
 
 
 def test_moved_runs_root_evaluates_and_writes_where_the_runs_are(
-    tmp_path, synth_root, make_fake_pretrain
+    tmp_path, synth_root, make_fake_pretrain, monkeypatch
 ) -> None:
     """Runs record their parent by absolute path; a runs root copied elsewhere (cluster -> laptop) still
     finds the parent beside the grid, and a cell's results go into the grid it lies in."""
@@ -200,7 +200,18 @@ def test_moved_runs_root_evaluates_and_writes_where_the_runs_are(
     shutil.move(runs, moved)
     assert not pre.path.exists()
     grid2 = moved / grid.path.name
+    from medssl_cli.stages import evaluate as ev_stage
+
+    titles: list[str] = []
+    real_plot = ev_stage.plot_confusion
+
+    def spy(m, n, p, t):  # noqa: ANN001, ANN202
+        titles.append(t)
+        return real_plot(m, n, p, t)
+
+    monkeypatch.setattr(ev_stage, "plot_confusion", spy)
     evaluate({}, from_run=grid2 / "cells" / "ssl-linear-f1-s0", runs_root=moved, data_dir=synth_root)
+    assert titles and all(t.startswith("SYNTHETIC DATA - ") for t in titles)  # a lifted figure says so
     assert "test" in read_json(grid2 / "metrics.json")  # the moved grid's summary, not the old path's
     assert "test" in read_json(grid2 / "cells" / "ssl-linear-f1-s0" / "metrics.json")
     assert not grid.path.exists()

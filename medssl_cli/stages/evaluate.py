@@ -275,6 +275,7 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
     }
     write_json(path, m)
     title = f"{c['name']} - {split} ({metrics['n']} images), accuracy {metrics['accuracy']:.3f}"
+    title = ("SYNTHETIC DATA - " if pool.synthetic else "") + title
     plot_confusion(metrics["confusion"], pool.class_names, run.file("plots", f"confusion_{split}.png"), title)
     lo, hi = metrics["accuracy_ci"]
     LOG.info(
@@ -374,6 +375,7 @@ def knn_probe(
             },
         )
         title = f"kNN (k={k}) of {pre.path.name} - {split}, accuracy {metrics['accuracy']:.3f}"
+        title = ("SYNTHETIC DATA - " if queries.synthetic else "") + title
         plot_confusion(
             metrics["confusion"], queries.class_names, run.file("plots", f"confusion_{split}.png"), title
         )

@@ -136,7 +136,8 @@ def finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
         {**meta, "projector": json.dumps(recipe.model.projector)},
     )
     history = read_jsonl(run.file("history.jsonl"))
-    loss_curve(history, run.file("plots", "loss.png"))
+    synthetic = "SYNTHETIC DATA - " if pool.synthetic else ""
+    loss_curve(history, run.file("plots", "loss.png"), f"{synthetic}Barlow Twins pretraining")
     first, last = history[0], history[-1]
     metrics = {
         "epochs": len(history),

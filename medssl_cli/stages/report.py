@@ -90,6 +90,7 @@ def _grid_figures(g: dict[str, Any], out: Path, primary: bool) -> None:
 
             m = c["metrics"][split]
             title = f"{c['name']} - {split} ({m.get('n')} images), accuracy {m.get('accuracy') or 0:.3f}"
+            title = ("SYNTHETIC DATA - " if synthetic else "") + title
             plot_confusion(m["confusion"], m["class_names"], out / target, title)
         else:
             continue

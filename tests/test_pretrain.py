@@ -221,3 +221,11 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(
         stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path)
     assert "without --compile" in e.value.hint
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run directory was made
+
+
+def test_knn_monitor_needs_one_label_space_before_training(synth_root: Path, tmp_path: Path) -> None:
+    """Pretraining pools any datasets (no labels); the kNN monitor cannot: refused before any epoch."""
+    mixed = {"data.datasets": ["synthetic_crc", "synthetic_organs_axial"], "data.channels": 3}
+    with pytest.raises(UserError, match="kNN monitor .* --knn-every 0"):
+        stage.pretrain(tiny(**mixed, **{"pretrain.knn_every": 1}), data_dir=synth_root, runs_root=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written

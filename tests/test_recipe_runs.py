@@ -57,6 +57,7 @@ def test_organs_recipe_is_the_study_setup() -> None:
         0.03,
     )
     assert r.data.image_size == 224
+    assert r.pretrain.weight_decay == 0.03  # the study's Adam weight decay
 
 
 def test_recipe_hash_is_stable_and_sensitive() -> None:

@@ -106,9 +106,12 @@ def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def read_images(h5: H5Images, idx: np.ndarray, size: int, channels: int) -> torch.Tensor:
-    """Rows ``idx`` as (n, channels, size, size) uint8, converted and resized in blocks."""
-    out = torch.empty((len(idx), channels, size, size), dtype=torch.uint8)
+def read_images(
+    h5: H5Images, idx: np.ndarray, size: int, channels: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows ``idx`` as (n, channels, size, size) uint8, converted and resized in blocks (into ``out``)."""
+    if out is None:
+        out = torch.empty((len(idx), channels, size, size), dtype=torch.uint8)
     for start in range(0, len(idx), BLOCK):
         sl = slice(start, start + BLOCK)
         out[sl] = resize_uint8(to_chw(h5.rows(idx[sl]), channels), size)
@@ -128,8 +131,11 @@ class ImageArray:
         self.channels = channels
         self.offsets = np.cumsum([0] + [len(i) for _, i in parts])
         self.data: torch.Tensor | None = None
-        if in_ram:
-            self.data = torch.cat([read_images(h5, i, size, channels) for h5, i in parts]) if parts else None
+        if in_ram and parts:
+            # read straight into one tensor: torch.cat of the parts held every image twice at its peak
+            self.data = torch.empty((len(self), channels, size, size), dtype=torch.uint8)
+            for (h5, i), start in zip(parts, self.offsets[:-1], strict=True):
+                read_images(h5, i, size, channels, out=self.data[start : start + len(i)])
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

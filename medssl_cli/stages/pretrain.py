@@ -43,7 +43,14 @@ from ..optim import build_optimizer, set_lr
 from ..preempt import Interrupted, StopFlag
 from ..recipe import Recipe
 from ..runs import Run, create_run
-from .pretrain_records import end_epoch, finish, save_checkpoint, truncate_history, zero_acc
+from .pretrain_records import (
+    check_knn_monitor,
+    end_epoch,
+    finish,
+    save_checkpoint,
+    truncate_history,
+    zero_acc,
+)
 
 # A GPU run with this many steps left gets a hint to --compile: on the H200 at 224 px it saved ~10 ms of
 # a 40 ms step for ~18 s of compiling, so it pays off after ~1,800 steps.
@@ -145,7 +152,9 @@ def _checked_pool(recipe: Recipe, data_dir: Path | str | None, allow_test: bool,
             f"Use a multiple of {n}, e.g. {max(n, b - b % n)}.",
         )
     compute.configure_threads(recipe.compute.threads)
-    return _load_data(recipe, data_dir, dist)
+    pool = _load_data(recipe, data_dir, dist)
+    check_knn_monitor(recipe, pool)
+    return pool
 
 
 def _open_run(

@@ -18,6 +18,7 @@ import torch
 from .. import __version__, checkpoint, compute
 from ..batches import NORM_MEAN, NORM_STD
 from ..data.pool import Pool, load_pool
+from ..errors import UserError
 from ..io import append_jsonl, read_jsonl, write_json
 from ..models import PretrainNet, backbone_meta, save_weights
 from ..plots import loss_curve
@@ -87,6 +88,25 @@ def end_epoch(
         f"off-diag {off_d:.1f}) lr {lr:.2e} {row['samples_per_s']:.1f} samples/s"
         + (f", kNN val acc {row['knn_val_accuracy']:.3f}" if "knn_val_accuracy" in row else "")
     )
+
+
+def check_knn_monitor(recipe: Recipe, pool: Pool) -> None:
+    """Before training: the kNN monitor's labelled train and val splits load (one label space, a
+    multiclass task, a val split), so a bad combination stops now and not after ``knn_every`` epochs.
+    Labels and layout only: the images stay memory-mapped (budget 0)."""
+    if not recipe.pretrain.knn_every:
+        return
+    d = recipe.data
+    for split in ("train", "val"):
+        try:
+            load_pool(pool.root, pool.dataset_ids, [split], task=d.task, image_size=d.image_size,
+                      channels=d.channels, ram_budget_gb=0.0)  # fmt: skip
+        except UserError as exc:
+            raise UserError(
+                f"The kNN monitor (--knn-every {recipe.pretrain.knn_every}) needs labelled train and val "
+                f"splits: {exc.message}",
+                "Pass --knn-every 0 (the monitor is optional), or pretrain on datasets with one label space.",
+            ) from None
 
 
 @functools.cache

@@ -229,3 +229,30 @@ def test_knn_monitor_needs_one_label_space_before_training(synth_root: Path, tmp
     with pytest.raises(UserError, match="kNN monitor .* --knn-every 0"):
         stage.pretrain(tiny(**mixed, **{"pretrain.knn_every": 1}), data_dir=synth_root, runs_root=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_stop_at_an_epoch_end_keeps_the_history_exact(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop during an epoch's last step (the end of epoch 1; the last step of the run) still records
+    that epoch's row, and the resumed run's history equals the uninterrupted one (3 steps per epoch)."""
+    r = tiny(**{"pretrain.epochs": 3})
+    a = stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / "a")
+    rows_a = [json.loads(x) for x in a.file("history.jsonl").read_text().splitlines()]
+    for stop_at in (3, 9):
+
+        def fake_bool(self: StopFlag, at: int = stop_at, calls: dict[str, int] = {"n": 0}) -> bool:  # noqa: B006
+            calls["n"] += 1  # one call per step (one process on the CPU checks every step)
+            if calls["n"] == at:
+                self.signum = 10
+            return calls["n"] == at
+
+        monkeypatch.setattr(StopFlag, "__bool__", fake_bool)
+        with pytest.raises(Interrupted):
+            stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path / f"s{stop_at}")
+        monkeypatch.undo()
+        (run_dir,) = (tmp_path / f"s{stop_at}").iterdir()
+        c = stage.pretrain(r, resume=run_dir)
+        rows_c = [json.loads(x) for x in c.file("history.jsonl").read_text().splitlines()]
+        assert [(h["epoch"], h["loss"]) for h in rows_c] == [(h["epoch"], h["loss"]) for h in rows_a], stop_at
+        assert c.manifest["metrics"]["final_loss"] == a.manifest["metrics"]["final_loss"]

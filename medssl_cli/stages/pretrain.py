@@ -363,6 +363,10 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
                     signum = distributed.agree_signal(dist, (stop.signum or 0) if stop else 0)
                     if signum:
                         acc["time"] += time.perf_counter() - t0
+                        if s == spe - 1:  # the epoch is complete: its history row now, as below
+                            if dist.is_main:
+                                end_epoch(run, recipe, pool, net, epoch, step, lr, acc, device, bf16)
+                            acc = zero_acc(device)
                         if dist.is_main:
                             save_checkpoint(run, net, optimizer, step, acc)
                         raise Interrupted(str(run.path), signum, step)

@@ -319,9 +319,14 @@ def make_view(
     return view_from_uniform(x, cfg, out_size, draw_uniform(x, generator), blur=blur)
 
 
-def draw_uniform(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The one random draw a view of ``x`` uses: (B, 50) uniforms on x's device (see the module doc)."""
-    return _rand(x, _N_UNIFORM, generator)
+def draw_uniform(
+    x: torch.Tensor, generator: torch.Generator | None = None, rows: int | None = None
+) -> torch.Tensor:
+    """The one random draw a view of ``x`` uses: (B, 50) uniforms on x's device (see the module doc);
+    ``rows``: draw for that many images instead of B (a DDP rank draws for the global batch)."""
+    if rows is None:
+        return _rand(x, _N_UNIFORM, generator)
+    return _rand(x.new_empty((rows,)), _N_UNIFORM, generator)
 
 
 def view_from_uniform(

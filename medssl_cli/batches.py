@@ -130,9 +130,13 @@ class ViewFeed:
     def make(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The views of ``step`` on the current stream."""
         x = self.source(self.indices(step))
-        g = view_generator(self.seed, step, self.dist.rank, self.device)
-        # the draws of view 1 then view 2, as augment.make_pair takes them: the same views
-        return self._pair(x, draw_uniform(x, g), draw_uniform(x, g))
+        g = view_generator(self.seed, step, 0, self.device)
+        # the draws of view 1 then view 2, as augment.make_pair takes them: the same views. Every rank
+        # draws for the global batch and keeps its rows, so N ranks make the views one process makes
+        # (and a run resumed on another number of GPUs continues the same views).
+        n, lo = self.batch_size, self.dist.rank * x.shape[0]
+        u1, u2 = (draw_uniform(x, g, rows=n)[lo : lo + x.shape[0]] for _ in range(2))
+        return self._pair(x, u1, u2)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.side is None:

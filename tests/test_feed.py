@@ -143,3 +143,19 @@ def test_feed_never_blocks_the_host(synth_root: Path, budget_gb: float) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def test_ranks_make_the_single_process_views(synth_root: Path) -> None:
+    """Two DDP ranks with half the batch each make exactly the single-process views of that batch, so a
+    run's views do not depend on the number of GPUs (nor when it resumes on another number)."""
+    pool = load_pool(synth_root, PLANES[:1], ["train"], image_size=32, supervised=False)
+    cpu = torch.device("cpu")
+
+    def feed(dist: Dist) -> ViewFeed:
+        return ViewFeed(pool, BatchSource(pool, cpu, 4.0), ViewsRecipe(), batch_size=16, seed=3, dist=dist,
+                        device=cpu, channels_last=True, total_steps=10, overlap=False)  # fmt: skip
+
+    one = feed(Dist())(1)
+    halves = [feed(Dist(rank=r, world_size=2, local_rank=r, local_world_size=2))(1) for r in (0, 1)]
+    for v in range(2):
+        assert torch.equal(torch.cat([h[v] for h in halves]), one[v])

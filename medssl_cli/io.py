@@ -8,6 +8,7 @@ crash or a full disk leaves the target untouched and removes the temporary file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -48,6 +49,28 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def writable_dir(path: str | os.PathLike[str], option: str) -> Path:
+    """The folder ``path`` (given as ``option``, e.g. '--out'), created if needed, with a probe that files
+    can be written there; a file in the way or a read-only place is a UserError naming the option."""
+    p, hint = Path(path), f"Pass another {option}."
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{option} {p} is a file, not a folder.", hint) from None
+    except NotADirectoryError:
+        raise UserError(f"{option} {p}: a part of this path is a file, not a folder.", hint) from None
+    except OSError as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        what = "is not writable" if denied else "cannot be created"
+        raise UserError(f"{option} {p} {what} ({exc.strerror or exc}).", hint) from None
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {p} is not writable ({exc.strerror or exc}).", hint) from None
+    return p
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -103,6 +126,27 @@ def yaml_error_text(path: str | os.PathLike[str], exc: yaml.YAMLError) -> str:
         tag = tag.replace("tag:yaml.org,2002:", "!!")
         return f"{path} uses the YAML tag {tag}{where}, which medssl refuses (such tags can run code)."
     return f"{path} is not valid YAML{where}."
+
+
+def read_yaml_mapping(path: str | os.PathLike[str], kind: str, hint: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping (empty: {}). Every way it can fail is one UserError reading
+    "``kind`` ``path`` ..." (kind: e.g. "Recipe file"), with ``hint``."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{kind} {p} is missing.", hint) from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{kind} {yaml_error_text(p, exc)}", hint) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{kind} {p} is not UTF-8 text (byte {exc.start}).", hint) from None
+    except OSError as exc:
+        raise UserError(f"{kind} {p} is unreadable ({exc.strerror or exc}).", hint) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{kind} {p} is not a mapping of sections (data:, pretrain:, ...).", hint)
+    return data
 
 
 def _json_default(obj: Any) -> Any:

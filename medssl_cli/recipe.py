@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from .errors import UserError, did_you_mean
-from .io import yaml_error_text
+from .io import read_yaml_mapping
 
 
 @dataclass
@@ -256,23 +254,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         )
     if not p.is_file():
         raise UserError(f"Recipe file not found: {p}.", "Pass a YAML file, e.g. --recipe recipes/demo.yaml.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"Recipe file {yaml_error_text(p, exc)}", "Fix the file and retry.") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"Recipe file {p} is not UTF-8 text (byte {exc.start}).", "Pass a YAML recipe file."
-        ) from None
-    except OSError as exc:
-        raise UserError(
-            f"Recipe file {p} is unreadable ({exc.strerror or exc}).", "Check the path and its permissions."
-        ) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"Recipe file {p} must hold a mapping of sections (data:, pretrain:, ...).")
-    return data
+    return read_yaml_mapping(p, "Recipe file", "Fix the file (a YAML mapping of recipe sections) and retry.")
 
 
 def load_recipe(path: str | Path | None = None, base: Recipe | None = None) -> Recipe:

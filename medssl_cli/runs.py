@@ -37,7 +37,7 @@ from typing import Any
 
 from . import __version__
 from .errors import UserError
-from .io import read_json, write_json, write_yaml, yaml_error_text
+from .io import read_json, read_yaml_mapping, write_json, write_yaml
 from .recipe import Recipe, from_dict
 
 STATUSES = ("running", "finished", "failed", "interrupted")
@@ -111,28 +111,9 @@ class Run:
 
     def recipe(self) -> Recipe:
         """The run's stored ``recipe.yaml``; a missing or broken one is a UserError naming the file."""
-        import yaml
-
         path = self.path / "recipe.yaml"
         hint = "The run directory is damaged; use another run or re-run the stage."
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"Run {self.path}'s recipe.yaml is missing ({path}).", hint) from None
-        except yaml.YAMLError as exc:
-            raise UserError(f"Run {self.path}: {yaml_error_text(path, exc)}", hint) from None
-        except UnicodeDecodeError:
-            raise UserError(
-                f"Run {self.path}'s recipe.yaml is unreadable ({path} is not UTF-8).", hint
-            ) from None
-        except OSError as exc:
-            raise UserError(
-                f"Run {self.path}'s recipe.yaml is unreadable ({path}: {exc.strerror or exc}).", hint
-            ) from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise UserError(f"Run {self.path}'s recipe.yaml is damaged ({path} is not a mapping).", hint)
+        data = read_yaml_mapping(path, "The run's recipe", hint)
         try:
             return from_dict(data)
         except UserError as exc:

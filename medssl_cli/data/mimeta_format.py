@@ -9,7 +9,6 @@ synthetic generators (``synth.py``) and by tests that need odd datasets.
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..io import write_bytes, write_text, write_with, write_yaml
+from ..io import writable_dir, write_bytes, write_text, write_with, write_yaml
 
 SPLITS = ("train", "val", "test")
 # fmt: off
@@ -62,7 +61,7 @@ def write_mimeta_dataset(
     target = root / dataset_id
     if target.exists() and not overwrite:
         raise UserError(f"Dataset folder {target} already exists.", "Pass --overwrite to replace it.")
-    prepare_root(root)
+    writable_dir(root, "--out")
     work = Path(tempfile.mkdtemp(prefix=".medssl-tmp-", dir=root))
     try:
         tmp = work / dataset_id
@@ -93,27 +92,6 @@ def write_mimeta_dataset(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
-
-
-def prepare_root(root: Path) -> None:
-    """Create the data root ``root`` if needed and check that files can be written there (UserError)."""
-    root = Path(root)
-    hint = "Pass another --out."
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{root} is a file, not a folder.", hint) from None
-    except NotADirectoryError:
-        raise UserError(f"{root}: a part of this path is a file, not a folder.", hint) from None
-    except OSError as exc:
-        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-        what = "is not writable" if denied else "cannot be created"
-        raise UserError(f"{root} {what} ({exc.strerror or exc}).", hint) from None
-    try:
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as exc:
-        raise UserError(f"{root} is not writable ({exc.strerror or exc}).", hint) from None
 
 
 def _write_hdf5(path: Path, images: np.ndarray) -> None:

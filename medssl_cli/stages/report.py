@@ -14,15 +14,13 @@ collected into later reports. Every file is written atomically.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import logging
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io import write_bytes, write_json, write_text
+from ..io import writable_dir, write_bytes, write_json, write_text
 from ..recipe import Recipe
 from ..report import aggregate, sections
 from ..report.collect import Collection, collect_grid, collect_root
@@ -187,28 +185,7 @@ def report(
         )
         target = run.path
     else:
-        target = Path(out)
-        try:
-            target.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise UserError(
-                f"--out {out} is a file, not a directory.", "Pass a directory for --out."
-            ) from None
-        except NotADirectoryError:
-            raise UserError(
-                f"--out {out}: a part of this path is a file, not a directory.", "Pass a directory for --out."
-            ) from None
-        except OSError as exc:
-            denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-            what = "is not writable" if denied else "cannot be created"
-            raise UserError(f"--out {out} {what} ({exc.strerror or exc}).", "Pass another --out.") from None
-        try:
-            with tempfile.TemporaryFile(dir=target):
-                pass
-        except OSError as exc:
-            raise UserError(
-                f"--out {out} is not writable ({exc.strerror or exc}).", "Pass another --out."
-            ) from None
+        target = writable_dir(out, "--out")
     try:
         summary = build(col, target)
     except BaseException as exc:

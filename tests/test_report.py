@@ -275,6 +275,7 @@ def test_report_aggregates_test_metrics_and_lists_every_problem(runs_root: Path)
 
     md = (out / "report.md").read_text()
     assert "linear: L-BFGS logistic regression, C from [0.1, 1.0] chosen on val" in md
+    assert "SHARED SUBJECTS" in md  # two organ planes pooled: the same items, so per-run CIs are too narrow
     # rows with fewer seeds than planned say so, in the table itself
     assert "| 2 of 3 (0, 2) |" in md and "| 1 of 3 (0) |" in md and "INCOMPLETE: in 2 row(s)" in md
     missing = md[md.index("## Missing or failed") :]

@@ -192,6 +192,7 @@ def read_grid(path: Path, info: dict[str, Any], col: Collection) -> dict[str, An
     rec = {
         **_base(path, info),
         "datasets": list(train.get("datasets") or []),
+        "data_root": data.get("root"),
         "synthetic": synthetic_map(list(train.get("datasets") or []), train),
         "class_names": train.get("class_names"),
         "n_train_split": train.get("n_images"),

@@ -5,8 +5,10 @@ one as "(SYNTHETIC)".
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from ..stages.leakage import related
 from .aggregate import METRIC_KEYS
 from .collect import Collection
 from .figures import INIT_NAMES, pct_label
@@ -209,6 +211,13 @@ def _comparison(g: dict[str, Any]) -> Table:
         caption += (
             f" INCOMPLETE: in {short} row(s) only k of the n planned seeds have {split} metrics ('k of n'); "
             "the statistics cover those k (see Missing or failed)."
+        )
+    ids = grid["datasets"]
+    if any(len(related(Path(grid.get("data_root") or "."), d, ids)) > 1 for d in ids):
+        caption += (
+            " SHARED SUBJECTS: the pooled datasets show the same subjects (the organ planes: each item once "
+            "per plane), so the per-run interval, which treats the test images as independent, is too "
+            "narrow; for per-plane numbers fine-tune and evaluate one plane (--datasets axial)."
         )
     if any(r.get("leakage_override") for r in g["rows"]):
         caption += " [LEAKAGE OVERRIDE]: some cells were evaluated on images their backbone pretrained on."

@@ -256,3 +256,26 @@ def test_stop_at_an_epoch_end_keeps_the_history_exact(
         rows_c = [json.loads(x) for x in c.file("history.jsonl").read_text().splitlines()]
         assert [(h["epoch"], h["loss"]) for h in rows_c] == [(h["epoch"], h["loss"]) for h in rows_a], stop_at
         assert c.manifest["metrics"]["final_loss"] == a.manifest["metrics"]["final_loss"]
+
+
+def test_knn_monitor_reuses_the_pool_and_equals_a_direct_knn(synth_root: Path) -> None:
+    """The monitor's bank is the pretraining pool's images (no second in-RAM copy of the train split)
+    and its accuracy is a plain kNN train -> val on in-RAM labelled splits."""
+    from medssl_cli.data.pool import load_pool
+    from medssl_cli.features import extract
+    from medssl_cli.models import build_backbone
+    from medssl_cli.probes import knn_predict
+    from medssl_cli.stages.pretrain_records import _knn_monitor, _labelled_split
+
+    pool = load_pool(synth_root, PLANES, ["train"], image_size=32, supervised=False)
+    torch.manual_seed(0)
+    net = build_backbone(1, "replicate").eval()
+    r = tiny(**{"pretrain.knn_every": 1})
+    got = _knn_monitor(r, pool, net, torch.device("cpu"), False)
+    key = (pool.root, tuple(pool.dataset_ids), r.data.task, r.data.image_size, r.data.channels)
+    assert not _labelled_split(*key, 0.0, "train").images.in_ram  # the labels' pool: memory-mapped
+    tr, va = (load_pool(synth_root, PLANES, [s], image_size=32) for s in ("train", "val"))
+    norm, cpu = ((0.5,), (0.5,)), torch.device("cpu")
+    f_tr, f_va = (extract(net, p.images, norm, device=cpu, bf16=False, show_progress=False) for p in (tr, va))
+    pred = knn_predict(f_tr, torch.as_tensor(tr.labels), f_va, k=20, num_classes=tr.num_classes)
+    assert got == float((pred == torch.as_tensor(va.labels)).float().mean())

@@ -128,10 +128,14 @@ def _knn_monitor(
     from ..probes import knn_predict
 
     d = recipe.data
-    key = (pool.root, tuple(pool.dataset_ids), d.task, d.image_size, d.channels, d.ram_budget_gb)
-    train, val = (_labelled_split(*key, split) for split in ("train", "val"))
+    key = (pool.root, tuple(pool.dataset_ids), d.task, d.image_size, d.channels)
+    # The train split stays memory-mapped (budget 0): its images are the pretraining pool's when that is
+    # the same rows (the usual train-only pool), which is in RAM already; a second copy would double it.
+    train = _labelled_split(*key, 0.0, "train")
+    val = _labelled_split(*key, d.ram_budget_gb, "val")
+    bank = pool.images if pool.seen() == train.seen() else train.images
     norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
-    f_train = extract(backbone, train.images, norm, device=device, bf16=bf16, show_progress=False)
+    f_train = extract(backbone, bank, norm, device=device, bf16=bf16, show_progress=False)
     f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)
     pred = knn_predict(
         f_train, torch.as_tensor(train.labels), f_val, k=recipe.evaluate.knn_k, num_classes=train.num_classes

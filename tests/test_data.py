@@ -206,3 +206,16 @@ def test_parse_fraction(text: str, value: float) -> None:
 def test_parse_fraction_rejects(text: str) -> None:
     with pytest.raises(UserError):
         parse_fraction(text)
+
+
+@pytest.mark.filterwarnings("ignore:Dataset ID .* does not match directory name")  # mimeta's, expected
+def test_dataset_folder_named_other_than_its_id(synth_root: Path, tmp_path: Path) -> None:
+    """mimeta maps ids to folders by info.yaml; so does the pixel reader (it built root/<id>)."""
+    root = tmp_path / "root"
+    shutil.copytree(synth_root / "synthetic_crc", root / "crc_v1")  # id synthetic_crc, another folder name
+    pool = load_pool(root, ["synthetic_crc"], ["train"], image_size=32)
+    want = load_pool(synth_root, ["synthetic_crc"], ["train"], image_size=32)
+    assert torch.equal(pool.images[:], want.images[:]) and (pool.labels == want.labels).all()
+    shutil.copytree(synth_root / "synthetic_crc", root / "crc_v2")  # the same id twice
+    with pytest.raises(UserError, match="Two folders .* 'synthetic_crc'"):
+        load_pool(root, ["synthetic_crc"], ["train"], image_size=32)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from .images import ImageArray, open_h5
-from .registry import TaskInfo, pick_task, resolve_names, scan
+from .registry import TaskInfo, dataset_folders, pick_task, resolve_names, scan
 
 SPLITS = ("train", "val", "test")
 FINGERPRINT_VERSION = 2  # 1: rows only; 2: rows + a sample of the pixels
@@ -150,7 +150,8 @@ def load_pool(
             raise UserError(f"Unknown split '{s}'.", f"Splits are {', '.join(SPLITS)}.")
     if not 8 <= image_size <= 1024:
         raise UserError(f"Image size {image_size} is not supported.", "Use a size between 8 and 1024 pixels.")
-    infos = scan(root)
+    folders = dataset_folders(root)
+    infos = scan(root, folders)
     ids = resolve_names(names, infos)
     tasks = [pick_task(ds, infos[ds], task, supervised=supervised) for ds in ids]
     if supervised:
@@ -178,7 +179,7 @@ def load_pool(
 
     parts, labels, src_ds, src_split, src_idx = [], [], [], [], []
     for d, (ds, t) in enumerate(zip(ids, tasks, strict=True)):
-        folder = root / ds
+        folder = folders.get(ds, root / ds)
         label_file = folder / "task_labels" / f"{t.task_name}.npy"
         try:
             all_labels = np.load(label_file, allow_pickle=False)

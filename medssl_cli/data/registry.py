@@ -72,11 +72,27 @@ def validate_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def scan(root: Path) -> dict[str, dict[str, Any]]:
-    """Validated info dicts of every dataset under ``root``, keyed by id, as ``mimeta`` discovers them."""
+def dataset_folders(root: Path) -> dict[str, Path]:
+    """Dataset id (``info.yaml``'s ``id``; the folder name if it has none) -> its folder, as ``mimeta``
+    maps them: a folder need not be named after its id. Two folders with one id are refused."""
+    out: dict[str, Path] = {}
     for d in sorted(root.iterdir()):
         if d.is_dir() and (d / "info.yaml").is_file():
-            validate_info(d / "info.yaml")
+            ds = str(validate_info(d / "info.yaml").get("id") or d.name)
+            if ds in out:
+                raise UserError(
+                    f"Two folders under {root} hold dataset '{ds}': {out[ds].name} and {d.name}.",
+                    "Keep one of them.",
+                )
+            out[ds] = d
+    return out
+
+
+def scan(root: Path, folders: dict[str, Path] | None = None) -> dict[str, dict[str, Any]]:
+    """Validated info dicts of every dataset under ``root``, keyed by id, as ``mimeta`` discovers them
+    (``folders``: ``dataset_folders(root)`` if the caller has it, which validated every info.yaml)."""
+    if folders is None:
+        dataset_folders(root)
     from mimeta import MIMeta
 
     MIMeta._infos = None  # the package caches one root per process; datasets may have been added

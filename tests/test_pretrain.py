@@ -273,7 +273,7 @@ def test_knn_monitor_reuses_the_pool_and_equals_a_direct_knn(synth_root: Path) -
     r = tiny(**{"pretrain.knn_every": 1})
     got = _knn_monitor(r, pool, net, torch.device("cpu"), False)
     key = (pool.root, tuple(pool.dataset_ids), r.data.task, r.data.image_size, r.data.channels)
-    assert not _labelled_split(*key, 0.0, "train").images.in_ram  # the labels' pool: memory-mapped
+    assert not _labelled_split(*key, "train").images.in_ram  # the labels' pool: memory-mapped
     tr, va = (load_pool(synth_root, PLANES, [s], image_size=32) for s in ("train", "val"))
     norm, cpu = ((0.5,), (0.5,)), torch.device("cpu")
     f_tr, f_va = (extract(net, p.images, norm, device=cpu, bf16=False, show_progress=False) for p in (tr, va))

@@ -98,31 +98,12 @@ def pretrain(
     console.print(f"Pretrain run: {run.path}", soft_wrap=True)
 
 
-# The option each recipe key comes from, for the --resume check.
-OPTION_OF = {
-    "data.datasets": "--datasets",
-    "data.splits": "--splits",
-    "data.image_size": "--image-size",
-    "data.channels": "--channels",
-    "model.gray_mode": "--gray-mode",
-    "pretrain.epochs": "--epochs",
-    "pretrain.batch_size": "--batch-size",
-    "pretrain.lr": "--lr",
-    "pretrain.optimizer": "--optimizer",
-    "pretrain.knn_every": "--knn-every",
-    "pretrain.checkpoint_every": "--checkpoint-every",
-    "compute.seed": "--seed",
-    "compute.device": "--device",
-    "compute.precision": "--precision",
-    "compute.compile": "--compile/--no-compile",
-}
-
-
 def _check_resume_options(resume: Path, recipe_file: Path | None, overrides: dict[str, object]) -> None:
     """``--resume RUN`` continues RUN with its own recipe.yaml. Recipe options or ``--recipe`` that would
     change it are refused (they were silently ignored before); values equal to the run's pass, as with
     an unchanged ``--run-dir``."""
-    given = [OPTION_OF[k] for k, v in overrides.items() if v is not None]
+    # each override's option is its key's last part: pretrain.batch_size <- --batch-size
+    given = ["--" + k.rsplit(".", 1)[1].replace("_", "-") for k, v in overrides.items() if v is not None]
     if recipe_file is not None:
         given.insert(0, "--recipe")
     if not given:

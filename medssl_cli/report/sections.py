@@ -177,9 +177,9 @@ def _comparison(g: dict[str, Any]) -> Table:
     rows, short = [], 0
     for r in g["rows"]:
         n_plan = planned.pop((r["init"], r["mode"], float(r["fraction"])), len(r["seeds"]))
-        seeds = f"{len(r['seeds'])} ({', '.join(map(str, r['seeds']))})"
-        if len(r["seeds"]) < n_plan:
-            short, seeds = short + 1, f"{len(r['seeds'])} of {n_plan} ({', '.join(map(str, r['seeds']))})"
+        n = len(r["seeds"])
+        short += n < n_plan
+        seeds = f"{n}{f' of {n_plan}' if n < n_plan else ''} ({', '.join(map(str, r['seeds']))})"
         mixed = " (mixed methods)" if len(r.get("run_ci_methods") or []) > 1 else ""
         rows.append([
             INIT_NAMES.get(r["init"], r["init"]) + (LEAK_MARK if r.get("leakage_override") else ""),

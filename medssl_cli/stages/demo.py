@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..data.registry import default_data_root
 from ..errors import UserError
+from ..io import writable_dir, write_bytes, write_text
 
 LOG = logging.getLogger("medssl")
 DEMO_IDS = ("synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal")
@@ -52,8 +53,6 @@ def ensure_synthetic(root: Path) -> bool:
 
 def export_docs(report_dir: Path, docs: Path) -> list[Path]:
     """Copy the demo's figures and comparison table into ``docs`` (what the README shows)."""
-    from ..io import write_bytes, write_text
-
     plots = report_dir / "plots"
     tsne_png = sorted(plots.glob("tsne-*.png"))
     pairs = [(plots / "fraction_accuracy.png", docs / "demo-fraction-accuracy.png")]
@@ -99,11 +98,8 @@ def demo(
         LOG.info(f"[demo] {stage} done in {times[stage]:.0f} s")
 
     recipe = load_recipe(recipe_file)  # a bad recipe or --docs fails before any data is written
-    if docs is not None and not Path(docs).is_dir():
-        try:
-            Path(docs).mkdir(parents=True)
-        except OSError as exc:
-            raise UserError(f"--docs {docs}: cannot create the folder ({exc.strerror}).") from None
+    if docs is not None:
+        writable_dir(docs, "--docs")
     ensure_synthetic(root)
     lap("data")
     run = pretrain(recipe, data_dir=root, runs_root=runs_root, name="demo")

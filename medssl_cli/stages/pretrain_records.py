@@ -96,27 +96,32 @@ def check_knn_monitor(recipe: Recipe, pool: Pool) -> None:
     Labels and layout only: the images stay memory-mapped (budget 0)."""
     if not recipe.pretrain.knn_every:
         return
-    d = recipe.data
-    for split in ("train", "val"):
-        try:
-            load_pool(pool.root, pool.dataset_ids, [split], task=d.task, image_size=d.image_size,
-                      channels=d.channels, ram_budget_gb=0.0)  # fmt: skip
-        except UserError as exc:
-            raise UserError(
-                f"The kNN monitor (--knn-every {recipe.pretrain.knn_every}) needs labelled train and val "
-                f"splits: {exc.message}",
-                "Pass --knn-every 0 (the monitor is optional), or pretrain on datasets with one label space.",
-            ) from None
+    try:
+        _monitor_splits(recipe, pool)  # read once per run (cached): the monitor uses these very pools
+    except UserError as exc:
+        raise UserError(
+            f"The kNN monitor (--knn-every {recipe.pretrain.knn_every}) needs labelled train and val "
+            f"splits: {exc.message}",
+            "Pass --knn-every 0 (the monitor is optional), or pretrain on datasets with one label space.",
+        ) from None
 
 
 @functools.cache
 def _labelled_split(
-    root: Path, ids: tuple[str, ...], task: str | None, size: int, channels: str, budget: float, split: str
+    root: Path, ids: tuple[str, ...], task: str | None, size: int, channels: str, split: str
 ) -> Pool:
-    """A labelled split for the kNN monitor, read once per run (not at every monitored epoch)."""
+    """A labelled split for the kNN monitor, read once per run (not at every monitored epoch). Memory-
+    mapped (budget 0): the train images are the pretraining pool's, in RAM already, whose second copy
+    would double the largest allocation of the run (CRC: 12.8 GB); val is read at monitored epochs."""
     return load_pool(
-        root, list(ids), [split], task=task, image_size=size, channels=channels, ram_budget_gb=budget
+        root, list(ids), [split], task=task, image_size=size, channels=channels, ram_budget_gb=0.0
     )
+
+
+def _monitor_splits(recipe: Recipe, pool: Pool) -> tuple[Pool, Pool]:
+    d = recipe.data
+    key = (pool.root, tuple(pool.dataset_ids), d.task, d.image_size, d.channels)
+    return _labelled_split(*key, "train"), _labelled_split(*key, "val")
 
 
 def _knn_monitor(
@@ -127,13 +132,8 @@ def _knn_monitor(
     from ..features import extract
     from ..probes import knn_predict
 
-    d = recipe.data
-    key = (pool.root, tuple(pool.dataset_ids), d.task, d.image_size, d.channels)
-    # The train split stays memory-mapped (budget 0): its images are the pretraining pool's when that is
-    # the same rows (the usual train-only pool), which is in RAM already; a second copy would double it.
-    train = _labelled_split(*key, 0.0, "train")
-    val = _labelled_split(*key, d.ram_budget_gb, "val")
-    bank = pool.images if pool.seen() == train.seen() else train.images
+    train, val = _monitor_splits(recipe, pool)
+    bank = pool.images if pool.seen() == train.seen() else train.images  # the usual train-only pool
     norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
     f_train = extract(backbone, bank, norm, device=device, bf16=bf16, show_progress=False)
     f_val = extract(backbone, val.images, norm, device=device, bf16=bf16, show_progress=False)

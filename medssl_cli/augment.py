@@ -2,13 +2,15 @@
 
 Every op draws its parameters for the whole batch at once and runs as a few batched tensor kernels on
 the input's device: no PIL, no per-image Python loop, no host syncs (no ``.item()``/``.cpu()``), so the
-same code serves CPU and CUDA. One ``torch.rand(B, 50)`` draw per view feeds all ops, so a seeded
+same code serves CPU and CUDA. One ``torch.rand(B, 52)`` draw per view feeds all ops, so a seeded
 ``torch.Generator`` (on the input's device) reproduces the views exactly, and switching one op off does
 not change the random parameters of the others.
 
 Pipeline (Zbontar et al. 2021, appendix; BYOL's augmentations), in this order:
 
-1. RandomResizedCrop + horizontal flip. Crop boxes follow torchvision's sampling (10 attempts of area
+1. RandomResizedCrop + horizontal flip, then vertical flip and a 90-degree rotation (``vflip_p``,
+   ``rot90_p``; the datasets' domain sets all three, ``data/domains.py``; an unresolved ``None`` reads
+   as 0 here, never as a flip). Crop boxes follow torchvision's sampling (10 attempts of area
    scale ~ U(scale) and aspect ratio log-uniform in ``ratio``, integer box sizes, else its centre-crop
    fallback). Crop, resize and flip are one separable resampling: two batched matmuls with per-sample
    (out, size) weight matrices of a bilinear filter widened to the downscale factor, i.e. exactly
@@ -45,10 +47,9 @@ BLUR_REF_SIZE = 224  # blur_sigma is given in pixels at this image size
 # Column layout of the per-view uniform draw (B, _N_UNIFORM).
 _ATTEMPTS = 10
 _U_SCALE, _U_RATIO, _U_TOP, _U_LEFT = (slice(i * _ATTEMPTS, (i + 1) * _ATTEMPTS) for i in range(4))
-_U_FLIP, _U_JITTER, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(
-    4 * _ATTEMPTS, 4 * _ATTEMPTS + 10
-)
-_N_UNIFORM = 4 * _ATTEMPTS + 10
+(_U_FLIP, _U_JITTER, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR, _U_VFLIP,
+ _U_ROT) = range(4 * _ATTEMPTS, 4 * _ATTEMPTS + 12)
+_N_UNIFORM = 4 * _ATTEMPTS + 12
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +69,9 @@ def check_view(cfg: ViewRecipe, name: str = "views.view") -> None:
     pair("crop_scale", 0.0, 1.0)
     pair("crop_ratio", 0.0, None)
     pair("blur_sigma", 0.0, None)
-    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+    for key in ("flip_p", "vflip_p", "rot90_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+        if getattr(cfg, key) is None and key in ("flip_p", "vflip_p", "rot90_p"):
+            continue  # auto: the stage fills it from the datasets' domain
         if not 0.0 <= getattr(cfg, key) <= 1.0:
             raise UserError(f"Recipe key '{name}.{key}' is a probability in [0, 1], got {getattr(cfg, key)}.")
     for key in ("brightness", "contrast", "saturation"):
@@ -132,7 +135,7 @@ def sample_crop_boxes(
     Up to 10 attempts: area = H*W*U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area*aspect)),
     h = round(sqrt(area/aspect)); the first attempt that fits wins, with top ~ U{0..H-h} and
     left ~ U{0..W-w}. If none fits: the centre crop clamped to the ratio range (torchvision's fallback).
-    ``u`` is the (B, 50) uniform block of one view.
+    ``u`` is the (B, 52) uniform block of one view.
     """
     area = float(height * width)
     s = scale[0] + (scale[1] - scale[0]) * u[:, _U_SCALE]
@@ -322,7 +325,7 @@ def make_view(
 def draw_uniform(
     x: torch.Tensor, generator: torch.Generator | None = None, rows: int | None = None
 ) -> torch.Tensor:
-    """The one random draw a view of ``x`` uses: (B, 50) uniforms on x's device (see the module doc);
+    """The one random draw a view of ``x`` uses: (B, 52) uniforms on x's device (see the module doc);
     ``rows``: draw for that many images instead of B (a DDP rank draws for the global batch)."""
     if rows is None:
         return _rand(x, _N_UNIFORM, generator)
@@ -341,7 +344,11 @@ def view_from_uniform(
 def _view(x: torch.Tensor, cfg: ViewRecipe, out_size: int, u: torch.Tensor, blur: str) -> torch.Tensor:
     c, height, width = x.shape[1:]
     top, left, h, w = sample_crop_boxes(u, height, width, cfg.crop_scale, cfg.crop_ratio)
-    y = resized_crop(x, top, left, h, w, u[:, _U_FLIP] < cfg.flip_p, out_size)
+    y = resized_crop(x, top, left, h, w, u[:, _U_FLIP] < (cfg.flip_p or 0.0), out_size)
+    if cfg.vflip_p:
+        y = torch.where(_col(u[:, _U_VFLIP] < cfg.vflip_p), y.flip(-2), y)
+    if cfg.rot90_p:  # square output: a quarter turn is a transpose and a flip
+        y = torch.where(_col(u[:, _U_ROT] < cfg.rot90_p), y.transpose(-1, -2).flip(-2), y)
 
     if cfg.jitter_p > 0:
         y = _color_jitter(y, u, cfg)

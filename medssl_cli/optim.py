@@ -111,7 +111,8 @@ def build_optimizer(
 
     adam: torch Adam with ``recipe.lr`` as given and ``recipe.weight_decay`` on weights only (fused
     kernel on CUDA). lars: lr = recipe.lr x batch/256 for weights and recipe.lr_biases x batch/256 for
-    biases/BN, momentum 0.9, eta 0.001 (official Barlow Twins: lr 0.2 / 0.0048, weight decay 1.5e-6).
+    biases/BN, momentum 0.9, eta ``recipe.lars_eta`` (official Barlow Twins: lr 0.2 / 0.0048, weight decay
+    1.5e-6, eta 0.001).
     """
     batch = recipe.batch_size if batch_size is None else batch_size
     if recipe.optimizer == "adam":
@@ -121,7 +122,7 @@ def build_optimizer(
     if recipe.optimizer == "lars":
         scale = batch / 256
         groups = param_groups(model, recipe.lr * scale, recipe.lr_biases * scale, recipe.weight_decay)
-        return LARS(groups, lr=recipe.lr * scale, momentum=0.9, eta=0.001)
+        return LARS(groups, lr=recipe.lr * scale, momentum=0.9, eta=recipe.lars_eta)
     raise ValueError(f"unknown optimizer {recipe.optimizer!r}")
 
 

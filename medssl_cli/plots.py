@@ -24,9 +24,12 @@ def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
 
 
 def loss_curve(history: list[dict[str, Any]], path: Path, title: str = "Barlow Twins pretraining") -> None:
-    """Loss per epoch (total, on-diagonal and weighted off-diagonal terms), log-scale y axis."""
+    """Loss per epoch (total, on-diagonal and weighted off-diagonal terms), log-scale y axis; beside it
+    the label-free collapse monitor RankMe (effective rank of the backbone features) where recorded."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ranked = [h for h in history if h.get("rankme") is not None]
+    fig, axes = plt.subplots(1, 2 if ranked else 1, figsize=(10.5 if ranked else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
     epochs = [h["epoch"] for h in history]
     ax.plot(epochs, [h["loss"] for h in history], marker="o", ms=3, label="loss")
     ax.plot(epochs, [h["on_diag"] for h in history], ls="--", label="on-diagonal  Σ(1-c_ii)²")
@@ -37,4 +40,12 @@ def loss_curve(history: list[dict[str, Any]], path: Path, title: str = "Barlow T
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if ranked:
+        rx = axes[0][1]
+        rx.plot([h["epoch"] for h in ranked], [h["rankme"] for h in ranked], marker="o", ms=3, color="C3")
+        rx.set_xlabel("epoch")
+        rx.set_ylabel("RankMe (effective rank, max 512)")
+        rx.set_title("Collapse monitor: RankMe of backbone features")
+        rx.set_ylim(bottom=0)
+        rx.grid(alpha=0.3)
     save_figure(fig, path)

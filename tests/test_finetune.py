@@ -240,7 +240,17 @@ def test_full_mode_trains_backbone(tmp_path, synth_root) -> None:
     info = cell.manifest
     assert info["head"] == "full" and info["chosen"]["epoch"] in (1, 2) and info["params"] > 11_000_000
     assert read_json(cell.file("metrics.json"))["val"]["n"] == 11
-    # no parent, default views (flip p 0.5) on organs that name sides: the grid's log says so
+    # no parent: the domain (synthetic abdominal CT) sets the views, and they never flip
+    assert "View geometry 'none'" in grid.file("log.txt").read_text()
+    assert grid.recipe().views.view1.flip_p == 0.0 and grid.recipe().views.view1.rot90_p == 0.0
+    assert "Views flip left-right" not in grid.file("log.txt").read_text()
+
+
+def test_full_mode_flip_warning_when_a_recipe_flips_sided_organs(tmp_path, synth_root) -> None:
+    ov = {**FAST, "finetune.inits": ["random"], "finetune.modes": ["full"], "finetune.fractions": [1.0],
+          "finetune.seeds": [0], "finetune.epochs": 1, "finetune.batch_size": 16, "data.datasets": [AXIAL],
+          "data.image_size": 32, "views.view1.flip_p": 0.5}
+    grid = finetune(ov, runs_root=tmp_path, data_dir=synth_root)
     assert "Full fine-tuning: Views flip left-right (p = 0.5)" in grid.file("log.txt").read_text()
 
 

@@ -45,7 +45,8 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_pretrain_writes_a_complete_run(synth_root: Path, tmp_path: Path) -> None:
-    run = stage.pretrain(tiny(**{"pretrain.knn_every": 2}), data_dir=synth_root, runs_root=tmp_path)
+    r = tiny(**{"pretrain.knn_every": 2, "views.view2.flip_p": 0.5})
+    run = stage.pretrain(r, data_dir=synth_root, runs_root=tmp_path)
     info = run.manifest
     assert info["status"] == "finished" and info["stage"] == "pretrain"
     assert info["data"]["splits"] == ["train"] and info["data"]["fingerprint"]
@@ -65,7 +66,12 @@ def test_pretrain_writes_a_complete_run(synth_root: Path, tmp_path: Path) -> Non
     assert run.file("plots", "loss.png").stat().st_size > 1000
     log = run.file("log.txt").read_text()
     assert "epoch 2/2" in log
-    # the default views flip (p 0.5) and the organ classes name sides: the run says so, with the fix
+    # the domain (abdominal CT) resolves the geometry to none; an explicit flip_p wins, and since the
+    # organ classes name sides the run says so, with the fix; recipe.yaml keeps the resolved values
+    views = run.recipe().views
+    v1, v2 = views.view1, views.view2
+    assert (v1.flip_p, v1.vflip_p, v1.rot90_p, v2.flip_p) == (0, 0, 0, 0.5)
+    assert "View geometry 'none'" in log and "Views: view1 [crop 0.08-1, flip 0, vflip 0, rot90 0" in log
     assert "Views flip left-right (p = 0.5)" in log and "views.view2.flip_p to 0" in log
 
 

@@ -47,8 +47,8 @@ def test_shipped_recipes_load(name: str) -> None:
     load_recipe(REPO / "recipes" / name)
 
 
-def test_organs_recipe_is_the_study_setup() -> None:
-    r = load_recipe(REPO / "recipes" / "organs-bt.yaml")
+def test_organs_study_recipe_is_the_study_setup() -> None:
+    r = load_recipe(REPO / "recipes" / "organs-bt-study.yaml")
     assert r.data.datasets == ["axial", "coronal", "sagittal"] and r.data.splits == ["train"]
     assert (r.pretrain.epochs, r.pretrain.batch_size, r.pretrain.optimizer, r.pretrain.lr) == (
         1000,

@@ -345,13 +345,14 @@ def test_tiny_ram_budget_streams_batches_and_trains(synth_root: Path, tmp_path: 
     recipe = override(Recipe(), {
         "data.datasets": [AXIAL], "data.image_size": 32, "data.ram_budget_gb": 1e-6,
         "model.projector": [64, 64], "pretrain.epochs": 1, "pretrain.batch_size": 8,
-        "compute.precision": "fp32", "compute.device": "cpu",
+        "compute.precision": "fp32", "compute.device": "cpu", "pretrain.rankme_samples": 16,
     })  # fmt: skip
     run = pretrain(recipe, data_dir=synth_root, runs_root=tmp_path)
     info = run.manifest
     assert info["status"] == "finished" and info["data"]["in_ram"] is False
     assert "images streamed" in run.file("log.txt").read_text()
-    assert sorted(reads) == [4] + [8] * (33 // 8)  # one batch per read, never the whole split
+    # one batch per read, never the whole split; RankMe reads its fixed sample (init and epoch 1)
+    assert sorted(reads) == [4] + [8] * (33 // 8) + [16, 16]
 
 
 def test_device_budget_decides_what_goes_to_the_device(synth_root: Path) -> None:

@@ -174,3 +174,10 @@ def pick_task(dataset_id: str, info: dict[str, Any], task: str | None, supervise
         synthetic=bool(info.get("synthetic", False)) or dataset_id.startswith("synthetic_"),
         split_sizes=dict(info.get("splits_num_samples") or {}),
     )
+
+
+def dataset_domains(root: Path, names: list[str]) -> dict[str, str]:
+    """Dataset id -> its ``info.yaml`` domain for ``names`` (ids or aliases), without importing mimeta."""
+    folders = dataset_folders(root)
+    infos = {ds: validate_info(folder / "info.yaml") for ds, folder in folders.items()}
+    return {ds: str(infos[ds]["domain"]) for ds in resolve_names(names, infos)}

@@ -148,22 +148,35 @@ def pretraining(col: Collection) -> list[Block]:
             p["name"], ds_list(p["datasets"], p["synthetic"]), ", ".join(p["splits"]),
             str(p["n_images"] or "?"),
             f"{p['epochs'] or '?'} / {p['epochs_planned'] or '?'}", str(p["batch_size"] or "?"),
-            num(p["final_loss"], 2), num(p["samples_per_s"], 1), num(p["train_time_s"], 0),
+            num(p["final_loss"], 2), _rankme(p), num(p["samples_per_s"], 1), num(p["train_time_s"], 0),
             p["device"] or "?", p["precision"] or "?", p["recipe_hash"] or "?",
         ]
         for p in done
     ]  # fmt: skip
     headers = ["run", "datasets", "splits", "images", "epochs (done / planned)", "batch", "final loss",
-               "throughput (samples/s)", "train time (s)", "device", "precision", "recipe hash"]  # fmt: skip
+               "RankMe (init / peak / final)", "throughput (samples/s)", "train time (s)", "device",
+               "precision", "recipe hash"]  # fmt: skip
     blocks.append(
-        Table(headers, rows, "Barlow Twins pretraining runs (final loss = mean over the last epoch).")
+        Table(headers, rows, "Barlow Twins pretraining runs (final loss = mean over the last epoch). RankMe: "
+              "effective rank of the backbone's features on a fixed sample of pretraining images (Garrido et "
+              "al., ICML 2023; label-free; max 512), before training / best / last epoch.")
     )
     for p in done:
+        if p.get("rankme_collapsed"):
+            blocks.append(Para(f"RANKME COLLAPSE in {p['name']}: the features' effective rank fell below a "
+                               "quarter of its best value during pretraining.", "warning"))
         if p.get("img_loss"):
             blocks.append(
-                Image(p["img_loss"], f"loss curve of {p['name']}", f"Loss per epoch of {p['name']}.")
+                Image(p["img_loss"], f"loss and RankMe curves of {p['name']}",
+                      f"Loss and RankMe per epoch of {p['name']}.")
             )
     return blocks
+
+
+def _rankme(p: dict[str, Any]) -> str:
+    if p.get("rankme") is None:
+        return "-"
+    return f"{num(p.get('rankme_init'), 1)} / {num(p.get('rankme_peak'), 1)} / {num(p['rankme'], 1)}"
 
 
 def _comparison(g: dict[str, Any]) -> Table:

@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import backbones, compute, distributed
 from ..augment import flip_warning
+from ..data.domains import resolve_recipe_views
 from ..data.fractions import parse_fraction
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
@@ -74,7 +75,7 @@ def resolve_recipe(
     recipe = Recipe()
     if parent is not None:
         pr = parent.recipe()
-        # views: full fine-tuning flips with the parent's views.view1.flip_p (0 for the organ recipes)
+        # views: full fine-tuning flips and rotates as the parent's view1 (none for the organ planes)
         inherited = {key: dataclasses.asdict(getattr(pr, key)) for key in ("data", "model", "views")}
         recipe = merge(recipe, inherited)
     elif "datasets" not in (file.get("data") or {}) and overrides.get("data.datasets") is None:
@@ -190,6 +191,9 @@ def _finetune(
     if recorded is None and parent is not None:
         recorded = parent.manifest.get("data", {}).get("root")
     root = data_root(data_dir, recorded)
+    views_line = None
+    if existing is None:  # views a parent did not fix (imagenet/random-only grids): the domain's geometry
+        recipe, views_line = resolve_recipe_views(recipe, root)
     compute.configure_threads(recipe.compute.threads)
     train, val = load_split(recipe, root, "train"), load_split(recipe, root, "val")
     data = {"root": str(root), "train": train.provenance(), "val": val.provenance()}
@@ -204,7 +208,7 @@ def _finetune(
         )
         grid = Run(Path(made))
     todo = cells if cell is None else [cells[cell]]
-    return _run_grid(grid, recipe, parent, train, val, cells, todo, dist)
+    return _run_grid(grid, recipe, parent, train, val, cells, todo, dist, views_line)
 
 
 def _reopen(
@@ -290,6 +294,7 @@ def _run_grid(
     cells: list[Cell],
     todo: list[Cell],
     dist: distributed.Dist | None = None,
+    views_line: str | None = None,
 ) -> Run:
     c, dist = recipe.compute, dist or distributed.Dist()
     device = distributed.rank_device(dist, compute.resolve_device(c.device))
@@ -312,7 +317,9 @@ def _run_grid(
                 f"{train.image_size} px, {k} classes; {compute.describe_device(device)}, "
                 f"{'bf16' if bf16 else 'fp32'}"
             )
-            flips = flip_warning(recipe.views.view1.flip_p, train.class_names, "views.view1.flip_p")
+            if views_line and "full" in recipe.finetune.modes and dist.is_main:
+                LOG.info(f"Full fine-tuning: {views_line}")
+            flips = flip_warning(recipe.views.view1.flip_p or 0.0, train.class_names, "views.view1.flip_p")
             if "full" in recipe.finetune.modes and flips and dist.is_main:
                 LOG.warning(f"Full fine-tuning: {flips}")
             if "linear" in recipe.finetune.modes:

@@ -1,8 +1,9 @@
 """Full fine-tuning of one grid cell: backbone + linear head trained end to end on the label subset.
 
 - Train-time augmentation: ``augment.make_view`` with ``FT_VIEW``: RandomResizedCrop with a mild
-  scale (0.5-1, ratio 3/4-4/3) and horizontal flip with the recipe's ``views.view1.flip_p`` (0.5 by
-  default; 0 for organ slices, where left and right are different classes); no colour jitter,
+  scale (0.5-1, ratio 3/4-4/3) and the flips and rotations of the recipe's ``views.view1`` (set by the
+  datasets' domain: none for organ slices, where left and right are different classes; all 8
+  symmetries for histopathology); no colour jitter,
   grayscale, blur or solarisation (those belong to the self-supervised views, not to label-efficient
   supervised training).
 - AdamW with two learning rates: ``finetune.lr_backbone`` for the backbone, ``finetune.lr_head`` for
@@ -110,7 +111,8 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
 
     Under DDP every rank calls this; only rank 0's result is meaningful (others return None, {})."""
     ft, device, train, val, d = ctx.recipe.finetune, ctx.device, ctx.train, ctx.val, ctx.dist
-    ft_view = dataclasses.replace(FT_VIEW, flip_p=ctx.recipe.views.view1.flip_p)
+    v1 = ctx.recipe.views.view1  # the datasets' geometry (data/domains.py), as in pretraining
+    ft_view = dataclasses.replace(FT_VIEW, flip_p=v1.flip_p or 0.0, vflip_p=v1.vflip_p, rot90_p=v1.rot90_p)
     lb = ctx.backbone(cell.init)
     size, k, n = train.image_size, train.num_classes, len(idx)
     compute.seed_everything(cell.seed)
@@ -261,6 +263,7 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
         "backbone": lb.info,
         "lr_backbone": ft.lr_backbone,
         "lr_head": ft.lr_head,
-        "augmentation": f"random resized crop (scale 0.5-1) + horizontal flip p={ft_view.flip_p}",
+        "augmentation": f"random resized crop (scale 0.5-1) + flips p={ft_view.flip_p}/"
+        f"{ft_view.vflip_p or 0} (left-right/top-bottom), rot90 p={ft_view.rot90_p or 0}",
     }
     return best["proba"], info

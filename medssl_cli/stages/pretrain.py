@@ -32,6 +32,7 @@ from .. import checkpoint, cluster, compute, distributed
 from ..augment import check_views, flip_warning
 from ..batches import BatchSource, ViewFeed, steps_per_epoch
 from ..chunked import chunked_train_step
+from ..data.domains import describe, resolve_recipe_views
 from ..data.pool import Pool, load_pool
 from ..data.registry import resolve_root
 from ..distributed import Dist
@@ -47,11 +48,15 @@ from .pretrain_records import (
     check_knn_monitor,
     end_epoch,
     finish,
+    monitor_features,
     save_checkpoint,
     truncate_history,
     zero_acc,
 )
 
+# Adam above this lr moves every weight by about its own size per step (the study's 0.03 destroyed the
+# features on real images within a few steps; recipes/organs-bt-study.yaml has the numbers).
+ADAM_LR_WARN = 1e-2
 # A GPU run with this many steps left gets a hint to --compile: on the H200 at 224 px it saved ~10 ms of
 # a 40 ms step for ~18 s of compiling, so it pays off after ~1,800 steps.
 COMPILE_HINT_STEPS = 2000
@@ -71,7 +76,12 @@ def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
     if p.batch_size < 2:
         raise UserError(f"--batch-size must be at least 2 (batch statistics), got {p.batch_size}.")
     if not (math.isfinite(p.lr) and p.lr > 0):
-        raise UserError(f"--lr (pretrain.lr) must be a finite number > 0, got {p.lr}.", "E.g. --lr 0.03.")
+        raise UserError(
+            f"--lr (pretrain.lr) must be a finite number > 0, got {p.lr}.",
+            "E.g. --lr 0.2 (LARS, per 256 images).",
+        )
+    if not (math.isfinite(p.lars_eta) and p.lars_eta > 0):
+        raise UserError(f"Recipe key 'pretrain.lars_eta' must be a finite number > 0, got {p.lars_eta}.")
     for key in ("lr_biases", "weight_decay", "warmup_epochs"):
         value = getattr(p, key)
         if not (math.isfinite(value) and value >= 0):
@@ -86,6 +96,11 @@ def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
             f"--checkpoint-every (pretrain.checkpoint_every) must be >= 1 epoch, got {p.checkpoint_every}.",
             "E.g. --checkpoint-every 10; a stop signal writes a checkpoint anyway.",
         )
+    if p.rankme_every < 0 or p.rankme_samples < 2:
+        raise UserError(
+            f"pretrain.rankme_every must be >= 0 (0: off) and pretrain.rankme_samples >= 2, got "
+            f"{p.rankme_every} and {p.rankme_samples}."
+        )
     if p.knn_every < 0:
         raise UserError(f"--knn-every (pretrain.knn_every) must be >= 0 (0: off), got {p.knn_every}.")
     if p.knn_every and recipe.evaluate.knn_k < 1:
@@ -99,6 +114,17 @@ def check_recipe(recipe: Recipe, allow_test: bool = False) -> None:
         )
     check_projector(recipe.model.projector)
     check_views(recipe.views)  # before the run directory exists (ViewFeed checks them again)
+
+
+def optimizer_warning(recipe: Recipe) -> str | None:
+    """One line when the optimiser settings are known to destroy features (Adam with lr > 1e-2)."""
+    p = recipe.pretrain
+    if p.optimizer == "adam" and p.lr > ADAM_LR_WARN:
+        return (
+            f"Adam with lr {p.lr:g} destroyed features on real images (the study's 0.03 ended at 0.30 vs a "
+            f"random backbone's 0.79 at 5 labels/class); the default LARS (--optimizer lars --lr 0.2) learns."
+        )
+    return None
 
 
 def train_step(
@@ -205,6 +231,9 @@ def pretrain(
     stop is recorded.
     """
     dist = dist or distributed.detect()
+    views_line = None
+    if resume is None:  # a resumed run keeps the views its recipe.yaml recorded
+        recipe, views_line = resolve_recipe_views(recipe, data_dir)
     with distributed.session(dist, compute.resolve_device(recipe.compute.device)):
         kind, path = distributed.from_main(
             dist, lambda: cluster.resolve_target("pretrain", recipe, resume, run_dir)
@@ -216,6 +245,9 @@ def pretrain(
             if kind == "finished":
                 LOG.info(f"Run {prior.path} already finished; nothing to do.")
                 return prior
+        warning = optimizer_warning(recipe)
+        if warning and dist.is_main:
+            LOG.warning(warning)
         if recipe.compute.compile:  # before any data is read or a run directory is made
             compute.check_compile(compute.resolve_device(recipe.compute.device))
         pool = distributed.check_all(dist, lambda: _checked_pool(recipe, data_dir, allow_test_split, dist))
@@ -225,6 +257,8 @@ def pretrain(
         def body(stop: StopFlag) -> None:
             if kind == "resume" and dist.is_main:  # in the run lock: a refused second process marks nothing
                 run.reopen()
+            if views_line and dist.is_main:  # in the run's log, not before a bad option's one-line error
+                LOG.info(views_line)
             _train(run, recipe, pool, dist, stop)
 
         return cluster.guarded_run(run, dist, body, requeue)
@@ -274,8 +308,9 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
         f"images {'on the device' if source.on_device else 'streamed'}"
     )
     v = recipe.views
+    LOG.info(f"Views: {describe(v)}")
     flips = flip_warning(
-        max(v.view1.flip_p, v.view2.flip_p),
+        max(v.view1.flip_p or 0.0, v.view2.flip_p or 0.0),
         [name for t in pool.tasks for name in t.class_names],
         "views.view1.flip_p and views.view2.flip_p",
     )
@@ -305,6 +340,8 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
         rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng_")}
         compute.set_rng_state({**meta["rng"], **rng})
         LOG.info(f"Resumed from {latest.name} (epoch {step // spe}, step {step % spe} of {spe})")
+    if dist.is_main and step == 0 and p.rankme_every:  # the random init's RankMe: the collapse baseline
+        run.update(rankme_init=monitor_features(recipe, pool, net.backbone, device, bf16)["rankme"])
     if dist.is_main and run.file("history.jsonl").exists():
         # History lines written after the checkpoint (or, killed before the first one, all) are rewritten.
         truncate_history(run, step // spe)

@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..io import append_jsonl, read_jsonl, write_json
 from ..models import PretrainNet, backbone_meta, save_weights
 from ..plots import loss_curve
+from ..rankme import collapse_warning, feature_stats, sample_rows
 from ..recipe import Recipe
 from ..runs import Run
 
@@ -78,16 +79,41 @@ def end_epoch(
         "samples_per_s": n * recipe.pretrain.batch_size / max(acc["time"], 1e-9),
         "time_s": acc["time"],
     }
-    k = recipe.pretrain.knn_every
-    if k and ((epoch + 1) % k == 0 or epoch + 1 == recipe.pretrain.epochs):
+    k, r = recipe.pretrain.knn_every, recipe.pretrain.rankme_every
+    last = epoch + 1 == recipe.pretrain.epochs
+    if k and ((epoch + 1) % k == 0 or last):
         row["knn_val_accuracy"] = _knn_monitor(recipe, pool, net.backbone, device, bf16)
         net.train()
+    if r and ((epoch + 1) % r == 0 or last):
+        row.update(monitor_features(recipe, pool, net.backbone, device, bf16))
+        history = read_jsonl(run.file("history.jsonl")) if run.file("history.jsonl").exists() else []
+        init = run.manifest.get("rankme_init")
+        if init is not None:
+            history = [{"epoch": 0, "rankme": init}, *history]
+        warning = collapse_warning(history, row["rankme"], epoch + 1)
+        row["rankme_collapsed"] = warning is not None
+        if warning and not any(h.get("rankme_collapsed") for h in history):  # once, when it happens
+            LOG.warning(warning)
     append_jsonl(run.file("history.jsonl"), row)
     LOG.info(
         f"epoch {epoch + 1}/{recipe.pretrain.epochs}: loss {loss:.2f} (on-diag {on_d:.2f}, "
         f"off-diag {off_d:.1f}) lr {lr:.2e} {row['samples_per_s']:.1f} samples/s"
         + (f", kNN val acc {row['knn_val_accuracy']:.3f}" if "knn_val_accuracy" in row else "")
+        + (f", RankMe {row['rankme']:.1f}" if "rankme" in row else "")
     )
+
+
+def monitor_features(
+    recipe: Recipe, pool: Pool, backbone: torch.nn.Module, device: torch.device, bf16: bool
+) -> dict[str, Any]:
+    """RankMe and feature std (``rankme.feature_stats``) of the backbone on a fixed sample of the
+    pretraining pool (``pretrain.rankme_samples`` evenly spread images, the same every epoch)."""
+    from ..features import extract
+
+    rows = sample_rows(len(pool), recipe.pretrain.rankme_samples)
+    norm = ((NORM_MEAN,) * pool.channels, (NORM_STD,) * pool.channels)
+    z = extract(backbone, pool.images[rows], norm, device=device, bf16=bf16, show_progress=False)
+    return feature_stats(z)
 
 
 def check_knn_monitor(recipe: Recipe, pool: Pool) -> None:
@@ -173,6 +199,10 @@ def finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
     }
     if "knn_val_accuracy" in last:
         metrics["knn_val_accuracy"] = last["knn_val_accuracy"]
+    ranks = [h["rankme"] for h in history if h.get("rankme") is not None]
+    if ranks:
+        metrics.update(rankme=ranks[-1], rankme_peak=max(ranks), rankme_init=run.manifest.get("rankme_init"),
+                       rankme_collapsed=any(h.get("rankme_collapsed") for h in history))
     write_json(run.file("metrics.json"), metrics)
     run.set_status("finished", metrics=metrics)
     LOG.info(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .augment import normalize
-from .errors import UserError
+from .errors import UserError, short
 from .models import build_backbone, load_backbone, load_imagenet_backbone, load_weights
 from .runs import Run
 
@@ -97,28 +98,85 @@ def _finish(
     return LoadedBackbone(module, init, data_channels, tuple(mean), tuple(std), key, info)
 
 
+def _bad_meta(path: Path, key: str, value: object, want: str) -> UserError:
+    return UserError(
+        f"{path} has unreadable metadata {key}={short(value)} (expected {want}).",
+        "The file was damaged or edited: re-run the stage that wrote it.",
+    )
+
+
+def meta_int(
+    meta: Mapping[str, str], key: str, path: Path, default: str, allowed: tuple[int, ...] = ()
+) -> int:
+    """An integer metadata field of a weights file (UserError naming the file, key and value)."""
+    raw = meta.get(key, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise _bad_meta(path, key, raw, "an integer") from None
+    if value < 0 or (allowed and value not in allowed):
+        raise _bad_meta(path, key, raw, " or ".join(map(str, allowed)) if allowed else "a count >= 0")
+    return value
+
+
+def meta_norm(
+    meta: Mapping[str, str], key: str, path: Path, channels: int, default: float
+) -> tuple[float, ...]:
+    """``norm_mean``/``norm_std``: a JSON list of ``channels`` finite numbers (std > 0)."""
+    raw = meta.get(key)
+    if raw is None:
+        return (default,) * channels
+    try:
+        values = json.loads(raw)
+        ok = isinstance(values, list) and len(values) == channels
+        out = tuple(float(v) for v in values) if ok else ()
+    except (TypeError, ValueError):
+        ok, out = False, ()
+    if not ok or not all(math.isfinite(v) for v in out) or (key == "norm_std" and min(out) <= 0):
+        raise _bad_meta(path, key, raw, f"a JSON list of {channels} finite numbers")
+    return out
+
+
+def meta_gray_mode(meta: Mapping[str, str], path: Path) -> str:
+    raw = meta.get("gray_mode", "replicate")
+    if raw not in ("replicate", "native"):
+        raise _bad_meta(path, "gray_mode", raw, "replicate or native")
+    return raw
+
+
+def meta_list(meta: Mapping[str, str], key: str, path: Path) -> list[str]:
+    raw = meta.get(key, "[]")
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _bad_meta(path, key, raw, "a JSON list of names")
+    return value
+
+
 def from_pretrain_run(run: Run, data_channels: int) -> LoadedBackbone:
     """The ssl backbone of a finished pretrain run (channels and normalisation from its metadata)."""
     path = run.file("weights", "backbone.safetensors")
     _, meta = load_weights(path)
-    channels = int(meta.get("in_channels", "0") or 0)
+    channels = meta_int(meta, "in_channels", path, "", (1, 3))
     if channels != data_channels:
         raise UserError(
             f"Pretrain run {run.path} was trained on {channels}-channel images, but the fine-tuning data "
             f"has {data_channels} channel(s).",
             "Fine-tune on datasets with the same channels (or set data.channels to match).",
         )
-    gray_mode = meta.get("gray_mode", "replicate")
+    gray_mode = meta_gray_mode(meta, path)
     module, meta = load_backbone(path, channels, gray_mode)  # type: ignore[arg-type]
-    mean = tuple(json.loads(meta.get("norm_mean", json.dumps([SSL_MEAN] * channels))))
-    std = tuple(json.loads(meta.get("norm_std", json.dumps([SSL_STD] * channels))))
+    mean = meta_norm(meta, "norm_mean", path, channels, SSL_MEAN)
+    std = meta_norm(meta, "norm_std", path, channels, SSL_STD)
     info = {
         "source": str(path),
         "pretrain_run": str(run.path.resolve()),
         "gray_mode": gray_mode,
         "in_channels": channels,
-        "pretrain_datasets": json.loads(meta.get("datasets", "[]")),
-        "pretrain_image_size": int(meta.get("image_size", "0") or 0),
+        "pretrain_datasets": meta_list(meta, "datasets", path),
+        "pretrain_image_size": meta_int(meta, "image_size", path, "0"),
         "input": "as pretrained",
     }
     return _finish(module, "ssl", data_channels, mean, std, info)
@@ -156,15 +214,26 @@ def random_init(data_channels: int, gray_mode: str, seed: int) -> LoadedBackbone
 def from_file(path: Path, data_channels: int) -> LoadedBackbone:
     """A backbone saved by medssl with ``LoadedBackbone.metadata()`` (a fine-tuned or saved random one)."""
     _, meta = load_weights(path)
-    channels = int(meta.get("in_channels", "0") or 0)
-    module, meta = load_backbone(path, channels, meta.get("gray_mode", "replicate"))  # type: ignore[arg-type]
-    saved_for = int(meta.get("data_channels", str(channels)))
+    channels = meta_int(meta, "in_channels", path, "", (1, 3))
+    gray_mode = meta_gray_mode(meta, path)
+    module, meta = load_backbone(path, channels, gray_mode)  # type: ignore[arg-type]
+    saved_for = meta_int(meta, "data_channels", path, str(channels), (1, 3))
     if saved_for != data_channels:
         raise UserError(f"{path} was made for {saved_for}-channel images; this data has {data_channels}.")
-    mean = tuple(json.loads(meta.get("norm_mean", json.dumps([SSL_MEAN] * channels))))
-    std = tuple(json.loads(meta.get("norm_std", json.dumps([SSL_STD] * channels))))
-    info = {"source": str(path), "in_channels": channels, "gray_mode": meta.get("gray_mode", "replicate")}
+    # norm stats are per fed channel: 3 for the ImageNet init on gray data, else the data's channels
+    n_norm = 3 if _list_len(meta.get("norm_mean")) == 3 else channels
+    mean = meta_norm(meta, "norm_mean", path, n_norm, SSL_MEAN)
+    std = meta_norm(meta, "norm_std", path, n_norm, SSL_STD)
+    info = {"source": str(path), "in_channels": channels, "gray_mode": gray_mode}
     return _finish(module, meta.get("init", "?"), data_channels, mean, std, info)
+
+
+def _list_len(raw: str | None) -> int:
+    try:
+        value = json.loads(raw) if raw is not None else None
+    except ValueError:
+        return -1
+    return len(value) if isinstance(value, list) else -1
 
 
 def load(

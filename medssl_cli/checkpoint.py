@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .errors import UserError
-from .io import read_json, write_json, write_with
+from .errors import UserError, short
+from .io import read_json, write_json, write_safetensors
+from .models import state_problems
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +88,7 @@ def save(
         tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
     stem = ckpt_dir / f"step-{step:09d}"
     tensor_path = stem.with_suffix(".safetensors")
-    write_with(tensor_path, lambda p: save_file(tensors, str(p)))
+    write_safetensors(tensor_path, tensors)
     meta = {"step": step, "optimizer": opt_meta, "sha256": _sha256(tensor_path), **extra}
     json_path = stem.with_suffix(".json")
     write_json(json_path, meta)
@@ -126,9 +127,15 @@ def latest(ckpt_dir: Path) -> Path | None:
 
 
 def load(
-    json_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    json_path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore ``model`` and ``optimizer`` in place; returns (extra JSON fields, extra tensors)."""
+    """Restore ``model`` and ``optimizer`` in place; returns (extra JSON fields, extra tensors).
+
+    A checkpoint that passes the hash check can still be wrong for this run (copied from another run,
+    edited, written by another version): its tensors must fit the network and optimizer exactly, and
+    its step must lie in ``[0, total_steps]`` (a step beyond the end would mark the run finished
+    without training). Each is a UserError naming the file.
+    """
     try:
         meta = read_json(json_path)
     except (ValueError, OSError) as exc:
@@ -136,18 +143,40 @@ def load(
     else:
         why = "not a JSON object holding the optimizer state"
     if not isinstance(meta, dict) or not isinstance(meta.get("optimizer"), dict):
-        raise UserError(
-            f"Checkpoint {json_path} is damaged ({why}).",
-            f"Restore it, or delete {json_path.parent} to restart the run from scratch.",
-        )
+        raise damaged(json_path, why)
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total_steps:
+        raise damaged(json_path, f"step {short(step)} outside 0..{total_steps}, this run's steps")
     try:
         tensors = load_file(str(json_path.with_suffix(".safetensors")))
     except (SafetensorError, OSError) as exc:
         raise UserError(
             f"Checkpoint {json_path.with_suffix('.safetensors')} is unreadable ({exc})."
         ) from None
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta.pop("optimizer")))
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+    problems = state_problems(model, state)
+    if problems:
+        raise damaged(json_path, f"its tensors do not fit this run's network: {problems}")
+    try:
+        model.load_state_dict(state)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta.pop("optimizer")))
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+        raise damaged(json_path, f"its optimizer state does not fit: {type(exc).__name__}") from None
     _match_param_layout(optimizer)
     extra_tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta, extra_tensors
+
+
+def damaged(json_path: Path, why: str) -> UserError:
+    return UserError(
+        f"Checkpoint {json_path} is damaged or belongs to another run ({why}).",
+        f"Restore it, or delete {json_path.parent} to restart the run from scratch.",
+    )
+
+
+def field(json_path: Path, meta: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    """``meta[key]`` checked to be of ``kind`` (a damaged checkpoint is a UserError, not a KeyError)."""
+    value = meta.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise damaged(json_path, f"field {key!r} is {short(value, 40)}")
+    return value

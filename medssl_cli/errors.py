@@ -17,12 +17,30 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None) -> None:
-        self.message = message
-        self.hint = hint
+        # One line, bounded: a message quoting a user's value must never print megabytes.
+        self.message = _bounded(message, MAX_MESSAGE)
+        self.hint = _bounded(hint, MAX_MESSAGE // 2) if hint else hint
         super().__init__(self.line())
 
     def line(self) -> str:
         return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+MAX_MESSAGE = 2000  # characters of a UserError's message (its hint: half): bounded, yet room for long paths
+
+
+def _bounded(text: str, n: int) -> str:
+    text = " ".join(str(text).split("\n")) if "\n" in str(text) else str(text)
+    return text if len(text) <= n else text[: n - 5] + " ... "
+
+
+def short(value: object, width: int = 80) -> str:
+    """A bounded repr of a user's value for messages (cheap even for huge or deeply nested values)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxstring, r.maxother = 3, 6, 6, width, width
+    return _bounded(r.repr(value), width)
 
 
 class TrainingDiverged(UserError):

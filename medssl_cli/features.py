@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .augment import normalize, to_float
 from .backbones import LoadedBackbone
 from .compute import autocast
 from .console import progress
 from .data.pool import Pool
-from .io import write_with
+from .io import write_safetensors
 
 LOG = logging.getLogger("medssl")
 FEATURES_VERSION = 1  # bump when extraction changes in a way that changes the numbers
@@ -165,7 +165,7 @@ def cached(
                 "images": pool.fingerprint(),
             }
             tensors = {"features": feats.contiguous(), "source_idx": torch.from_numpy(pool.source_idx.copy())}
-            write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+            write_safetensors(path, tensors, meta)
             return FeatureSet(feats, path, False, time.perf_counter() - t0)
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

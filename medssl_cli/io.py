@@ -39,16 +39,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, target)
-    except OSError as exc:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
+        if disk_full(exc):
             raise UserError(
                 f"Disk full while writing {target}.", "Free space (or choose another --runs-root) and resume."
             ) from exc
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also when a library (safetensors, h5py, matplotlib) wraps it in its own exception type."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
 
 
 def writable_dir(path: str | os.PathLike[str], option: str) -> Path:
@@ -96,6 +101,17 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> 
         writer(tmp)
 
 
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    """A safetensors file through ``atomic_path``: serialised in memory and written by us, so no library
+    temporary file (safetensors' own ``.tmpXXXXXX``) can be left behind by a kill, and a full disk is the
+    one-line UserError of every other write."""
+    from safetensors.torch import save
+
+    write_bytes(path, save(tensors, metadata=metadata))
+
+
 def append_jsonl(path: str | os.PathLike[str], obj: Any) -> None:
     """Append one line and rewrite atomically (history files are small: one line per epoch)."""
     p = Path(path)
@@ -115,11 +131,69 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
     return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+MAX_YAML_VALUES = 100_000  # a recipe or info.yaml holds hundreds; more is an alias bomb or not ours
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, mark: Any) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.problem_mark = key, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a mapping key given twice (PyYAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise DuplicateKeyError(key, key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def expanded_size(data: Any, limit: int = MAX_YAML_VALUES) -> int:
+    """Number of values ``data`` holds with YAML aliases expanded (capped just above ``limit``); linear in
+    the distinct objects, so a billion-laughs file is measured without being expanded."""
+    memo: dict[int, int] = {}
+
+    def size(x: Any, depth: int) -> int:
+        if depth > 100:
+            return limit + 1
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, dict):
+            n = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in x.items())
+        elif isinstance(x, (list, tuple)):
+            n = 1 + sum(size(v, depth + 1) for v in x)
+        else:
+            n = 1
+        memo[id(x)] = n = min(n, limit + 1)
+        return n
+
+    return size(data, 0)
+
+
+def load_yaml(text: str, path: str | os.PathLike[str]) -> Any:
+    """``yaml.safe_load`` refusing duplicate keys and alias bombs (both UserErrors naming ``path``)."""
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    if expanded_size(data) > MAX_YAML_VALUES:
+        raise UserError(
+            f"{path} expands to more than {MAX_YAML_VALUES:,} values (nested YAML aliases).",
+            "Write the values out; medssl refuses alias bombs.",
+        )
+    return data
+
+
 def yaml_error_text(path: str | os.PathLike[str], exc: yaml.YAMLError) -> str:
     """One line for a YAML file ``safe_load`` refused: a tag it will not construct (``!!python/...``
     can run code, so it is refused, not merely unparsable) or a syntax error, with its position."""
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(exc, DuplicateKeyError):
+        return f"{path} gives the key {str(exc.key)[:60]!r} twice (second{where})."
     problem = str(getattr(exc, "problem", "") or "")
     if isinstance(exc, yaml.constructor.ConstructorError) and "tag" in problem:
         tag = problem.split("'")[1] if problem.count("'") >= 2 else "?"
@@ -133,7 +207,7 @@ def read_yaml_mapping(path: str | os.PathLike[str], kind: str, hint: str) -> dic
     "``kind`` ``path`` ..." (kind: e.g. "Recipe file"), with ``hint``."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"), p)
     except FileNotFoundError:
         raise UserError(f"{kind} {p} is missing.", hint) from None
     except yaml.YAMLError as exc:

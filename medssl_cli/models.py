@@ -20,12 +20,12 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from .errors import UserError
-from .io import write_with
+from .io import write_safetensors
 
 ARCH = "resnet18"
 FEATURE_DIM = 512
@@ -262,7 +262,7 @@ def save_weights(
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
     # safetensors wants contiguous CPU tensors (channels_last weights are stored in the standard layout).
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
+    write_safetensors(path, tensors, dict(metadata))
 
 
 def load_weights(
@@ -287,6 +287,12 @@ def load_weights(
         raise UserError(
             f"{p} is not a safetensors file (truncated or wrong format); re-run the stage that wrote it."
         ) from None
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UserError(
+            f"{p} holds NaN or infinite values in {len(bad)} tensor(s) (e.g. {bad[0]}).",
+            "The weights are damaged or came from a diverged run: re-run the stage that wrote them.",
+        )
     for key in CHECKED_KEYS:
         if expect is not None and key in expect and metadata.get(key) != expect[key]:
             got, want = metadata.get(key), expect[key]
@@ -299,6 +305,21 @@ def load_weights(
 
 def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict load; a mismatch is one short line (torch's own message lists every key, over many lines)."""
+    problems = state_problems(module, state)
+    if problems:
+        raise UserError(
+            f"Weights in {source} do not fit the {ARCH} network: {problems}.",
+            "Use weights written by medssl for the same architecture and channels.",
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0:2]
+        raise UserError(f"Weights in {source} do not fit the network: {' '.join(first)}") from None
+
+
+def state_problems(module: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``module``'s keys and shapes, in one line ("" when it fits)."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -307,21 +328,11 @@ def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]
-    problems = [
+    return "; ".join(
         f"{label} {len(keys)} (e.g. {keys[0]})"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
         if keys
-    ]
-    if problems:
-        raise UserError(
-            f"Weights in {source} do not fit the {ARCH} network: {'; '.join(problems)}.",
-            "Use weights written by medssl for the same architecture and channels.",
-        )
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0:2]
-        raise UserError(f"Weights in {source} do not fit the network: {' '.join(first)}") from None
+    )
 
 
 def load_backbone(

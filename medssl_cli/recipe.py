@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UserError, did_you_mean
+from .errors import UserError, did_you_mean, short
 from .io import read_yaml_mapping
 
 
@@ -191,24 +191,24 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
             return value
         if str(value) in [str(a) for a in allowed]:
             return next(a for a in allowed if str(a) == str(value))
-        raise UserError(f"Recipe key '{key}' must be one of {allowed}, got {value!r}.")
+        raise UserError(f"Recipe key '{key}' must be one of {allowed}, got {short(value)}.")
     if origin is list:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single value where a list is expected
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"Recipe key '{key}' must be a list, got {type(value).__name__} {value!r}.")
+            raise UserError(f"Recipe key '{key}' must be a list, got {type(value).__name__} {short(value)}.")
         (inner,) = args
         return [_check_value(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"Recipe key '{key}' must be true or false, got {value!r}.")
+        raise UserError(f"Recipe key '{key}' must be true or false, got {short(value)}.")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise UserError(f"Recipe key '{key}' must be an integer, got {value!r}.")
+        raise UserError(f"Recipe key '{key}' must be an integer, got {short(value)}.")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -217,11 +217,11 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise UserError(f"Recipe key '{key}' must be a number, got {value!r}.")
+        raise UserError(f"Recipe key '{key}' must be a number, got {short(value)}.")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise UserError(f"Recipe key '{key}' must be a string, got {value!r}.")
+        raise UserError(f"Recipe key '{key}' must be a string, got {short(value)}.")
     if dataclasses.is_dataclass(tp):
         return _merge(tp(), value, key)
     raise TypeError(f"unsupported recipe type {tp} at {key}")
@@ -230,7 +230,7 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
 def _merge(obj: Any, updates: Any, prefix: str = "") -> Any:
     """Return a copy of dataclass ``obj`` with ``updates`` (a nested mapping) applied and checked."""
     if isinstance(updates, dict) is False:
-        raise UserError(f"Recipe section '{prefix or 'top level'}' must be a mapping, got {updates!r}.")
+        raise UserError(f"Recipe section '{prefix or 'top level'}' must be a mapping, got {short(updates)}.")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     changes = {}

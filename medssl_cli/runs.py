@@ -308,7 +308,8 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
     Only called with the run lock held: no other process is writing into this run, so every such file
     is an orphan (SIGKILL, OOM or power loss between its creation and its rename).
     """
-    for tmp in run_dir.rglob(".*.tmp"):
+    # ".tmpXXXXXX": safetensors' own temporary file, left by versions that let it write the file itself.
+    for tmp in [*run_dir.rglob(".*.tmp"), *run_dir.rglob(".tmp??????")]:
         if tmp.is_file():
             LOG.info(f"Removing {tmp.relative_to(run_dir)}, left half-written by an earlier process")
             tmp.unlink(missing_ok=True)

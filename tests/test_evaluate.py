@@ -151,7 +151,10 @@ def test_leakage_rules(tmp_path) -> None:
         (tmp_path / ds).mkdir()
         (tmp_path / ds / "info.yaml").write_text(yaml.safe_dump({"id": ds, "subject_overlaps": overlaps}))
     seen = {"a": {"train": [1, 2]}, "b": {"test": [0]}, "c": {"test": [5]}}
-    assert find_leakage(seen, {"a": {"val": [1, 2]}}, tmp_path) == []  # train seen, val evaluated: fine
+    assert find_leakage(seen, {"a": {"val": [3, 4]}}, tmp_path) == []  # train seen, val evaluated: fine
+    # rows are image rows of the dataset: a val file that lists train images leaks, whatever its name
+    same = find_leakage(seen, {"a": {"val": [2, 3]}}, tmp_path)
+    assert [(o["pretrained_on"], o["same_images"]) for o in same] == [("a/train", 1)]
     leaks = find_leakage(seen, {"a": {"test": [3]}}, tmp_path)  # b overlaps a (declared in a's info.yaml)
     assert [o["pretrained_on"] for o in leaks] == ["b/test"] and leaks[0]["same_images"] == 0
     assert [o["pretrained_on"] for o in find_leakage(seen, {"c": {"test": [5, 6]}}, tmp_path)] == ["c/test"]

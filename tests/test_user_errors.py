@@ -135,7 +135,7 @@ def test_checkpoint_json_not_an_object(tmp_path: Path) -> None:
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(UserError, match="is damaged"):
-        checkpoint.load(ckpt / "step-000000004.json", net, opt)
+        checkpoint.load(ckpt / "step-000000004.json", net, opt, total_steps=10)
 
 
 # ----------------------------------------------------------------------------------------- 4: report --out

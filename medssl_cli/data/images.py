@@ -74,6 +74,8 @@ def open_h5(path: Path, n_labels: int | None = None) -> H5Images:
         raise UserError(f"{path}: images are {dtype}, MIMeta stores uint8.", fix)
     if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 3):
         raise UserError(f"{path}: images have shape {shape}; expected (N, H, W) or (N, H, W, 3).", fix)
+    if 0 in shape:  # no images, or images of zero height/width
+        raise UserError(f"{path}: images have shape {shape}; none can be read.", fix)
     if offset is not None and path.stat().st_size < offset + int(np.prod(shape)):
         raise UserError(f"{path} is truncated (shorter than its {shape[0]} images).", fix)
     if n_labels is not None and n_labels != shape[0]:

@@ -1,7 +1,9 @@
 """Load one or more MIMeta datasets' official splits as one pool of uint8 images (+ labels).
 
-``load_pool`` is the single entry point the stages use. Splits and labels come from ``mimeta.MIMeta``
-(the official ``splits/*.txt``); pixels come from the fast reader in ``images.py``. Pooled datasets
+``load_pool`` is the single entry point the stages use. Datasets and tasks are discovered through
+``mimeta``; the official ``splits/*.txt`` are read and checked by ``splits.py`` (no overlap between a
+dataset's splits), labels by ``checked_labels`` (every one a class index of the task); pixels come
+from the fast reader in ``images.py``. Pooled datasets
 must agree on channels (or be converted explicitly with ``channels``, which is recorded) and, for
 supervised stages, on task and class names.
 """
@@ -20,8 +22,8 @@ import torch
 from ..errors import UserError
 from .images import ImageArray, open_h5
 from .registry import TaskInfo, dataset_folders, pick_task, resolve_names, scan
+from .splits import SPLITS, check_disjoint, read_split, split_file
 
-SPLITS = ("train", "val", "test")
 FINGERPRINT_VERSION = 2  # 1: rows only; 2: rows + a sample of the pixels
 FINGERPRINT_SAMPLE = 256  # images hashed into Pool.fingerprint: ~13 MB at 224 px RGB, read in well under 1 s
 
@@ -115,22 +117,32 @@ class Pool:
         }
 
 
-def _split_rows(root: Path, ds: str, task: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Official split rows and labels through ``mimeta``."""
-    from mimeta import MIMeta
-
-    try:
-        m = MIMeta(str(root), ds, task, split=split)
-    except (ValueError, KeyError):
+def checked_labels(
+    all_labels: np.ndarray, rows: np.ndarray, label_file: Path, task: TaskInfo, split: str
+) -> np.ndarray:
+    """int64 class indices of ``rows`` (first column of a 2-D label file, as ``mimeta``); every value must
+    be a class index of the task (0 .. classes-1), else a UserError naming the file and the bad values."""
+    lab = np.asarray(all_labels)[rows]
+    lab = lab.reshape(len(rows), -1)[:, 0] if lab.ndim > 1 else lab
+    k = len(task.class_names)
+    if lab.dtype.kind == "f":  # NaN, inf or a fraction is no class index
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(lab) | (lab != np.round(lab))
+    else:
+        bad = np.zeros(len(lab), bool) if lab.dtype.kind in "iub" else np.ones(len(lab), bool)
+    if not bad.any():
+        as_int = lab.astype(np.int64)
+        bad = (as_int < 0) | (as_int >= k)
+    if bad.any():
+        values = sorted({str(v) for v in lab[bad].tolist()})
         raise UserError(
-            f"Dataset {ds} has no '{split}' split (no splits/{split}.txt).",
-            "Use the official MIMeta folder, or choose other --splits.",
-        ) from None
-    rows = np.asarray(m.split_indices, dtype=np.int64)
-    labels = np.asarray(m.labels).reshape(len(rows), -1)[:, 0].astype(np.int64)
-    if hasattr(m, "hdf5_images"):
-        m.hdf5_images.file.close()  # mimeta keeps the file open forever; we read through our own map
-    return rows, labels
+            f"{label_file}: {int(bad.sum())} image(s) of the '{split}' split have labels outside the "
+            f"{k} classes of task '{task.task_name}' (0-{k - 1} in info.yaml): {', '.join(values[:6])}"
+            f"{' ...' if len(values) > 6 else ''}.",
+            "Fix the label file, or the task's labels in info.yaml (one name per class index).",
+        )
+    return lab.astype(np.int64)
+
 
 
 def load_pool(
@@ -148,6 +160,8 @@ def load_pool(
     for s in splits:
         if s not in SPLITS:
             raise UserError(f"Unknown split '{s}'.", f"Splits are {', '.join(SPLITS)}.")
+    if len(set(splits)) != len(splits):
+        raise UserError(f"Split list {','.join(splits)} names a split twice.", "Name each split once.")
     if not 8 <= image_size <= 1024:
         raise UserError(f"Image size {image_size} is not supported.", "Use a size between 8 and 1024 pixels.")
     folders = dataset_folders(root)
@@ -192,12 +206,17 @@ def load_pool(
                 f"{h5.shape[0]} images.",
                 "Re-download the dataset (one of the files is truncated or from another version).",
             )
+        check_disjoint(folder, h5.shape[0])  # a test image listed in train would leak
         for split in splits:
-            rows, lab = _split_rows(root, ds, t.task_name, split)
-            if len(rows) and rows.max() >= h5.shape[0]:
-                raise UserError(f"{folder}/splits/{split}.txt names images beyond the {h5.shape[0]} stored.")
+            rows = read_split(folder, split, h5.shape[0])
+            if not len(rows):
+                raise UserError(
+                    f"Dataset {ds}'s '{split}' split is empty ({split_file(folder, split)} lists no image).",
+                    "Restore the split file, or choose other --splits.",
+                )
+            lab = checked_labels(all_labels, rows, label_file, t, split) if supervised else None
             parts.append((h5, rows))
-            labels.append(lab if supervised else np.full(len(rows), -1, dtype=np.int64))
+            labels.append(lab if lab is not None else np.full(len(rows), -1, dtype=np.int64))
             src_ds.append(np.full(len(rows), d))
             src_split.append(np.full(len(rows), SPLITS.index(split)))
             src_idx.append(rows)

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, did_you_mean
-from ..io import yaml_error_text
+from ..errors import UserError, did_you_mean, short
+from ..io import load_yaml, yaml_error_text
 
 ZENODO = "https://zenodo.org/records/7884735"
 ALIASES: dict[str, list[str]] = {
@@ -27,6 +27,7 @@ ALIASES: dict[str, list[str]] = {
 }
 SUPERVISED_TARGETS = ("MULTICLASS_CLASSIFICATION", "BINARY_CLASSIFICATION", "ORDINAL_REGRESSION")
 REQUIRED_INFO = ("id", "name", "domain", "input_size", "tasks")
+_RESTORE = "Restore the file from the MIMeta download."
 
 
 def default_data_root() -> Path:
@@ -51,7 +52,9 @@ def resolve_root(data_dir: str | Path | None = None) -> Path:
 def validate_info(path: Path) -> dict[str, Any]:
     """Parse and check one ``info.yaml``; every problem is a UserError naming the file."""
     try:
-        info = yaml.safe_load(path.read_text(encoding="utf-8"))
+        info = load_yaml(path.read_text(encoding="utf-8"), path)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start}).", _RESTORE) from None
     except yaml.YAMLError as exc:
         raise UserError(yaml_error_text(path, exc), "Restore the file from the MIMeta download.") from None
     if not isinstance(info, dict):
@@ -61,14 +64,29 @@ def validate_info(path: Path) -> dict[str, Any]:
         raise UserError(
             f"{path} lacks the field(s) {', '.join(missing)}.", "Restore it from the MIMeta download."
         )
+    if not isinstance(info["id"], str) or not info["id"].strip():
+        raise UserError(f"{path}: id must be a non-empty string, got {short(info['id'])}.", _RESTORE)
     size = info["input_size"]
-    if not (isinstance(size, list) and len(size) == 3 and size[0] in (1, 3)):
-        raise UserError(f"{path}: input_size must be [C, H, W] with C = 1 or 3, got {size!r}.")
+    ints = isinstance(size, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    if not (ints and len(size) == 3 and size[0] in (1, 3) and size[1] > 0 and size[2] > 0):
+        raise UserError(
+            f"{path}: input_size must be [C, H, W] with C = 1 or 3 and H, W > 0, got {short(size)}.", _RESTORE
+        )
+    counts = info.get("splits_num_samples")
+    if counts is not None and not isinstance(counts, dict):
+        raise UserError(f"{path}: splits_num_samples must be a mapping of split -> count.", _RESTORE)
     if not isinstance(info["tasks"], list) or not info["tasks"]:
         raise UserError(f"{path}: tasks must be a non-empty list.")
     for t in info["tasks"]:
         if not isinstance(t, dict) or not {"task_name", "task_target", "labels"} <= set(t):
             raise UserError(f"{path}: every task needs task_name, task_target and labels.")
+        labels = t["labels"]
+        if not isinstance(labels, dict) or not labels or not all(isinstance(k, int) for k in labels):
+            raise UserError(
+                f"{path}: task '{short(t['task_name'])}' labels must be a non-empty mapping of class "
+                f"index -> name, got {short(labels)}.",
+                _RESTORE,
+            )
     return info
 
 

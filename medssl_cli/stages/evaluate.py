@@ -41,7 +41,7 @@ from ..recipe import Recipe, merge, override, read_recipe_file
 from ..runs import Run, attach_log, create_run, detach_log, find_latest, locate, recording, resolve_run
 from . import leakage
 from .finetune import data_root, load_split
-from .grid import finished_cells
+from .grid import finished_cells, grid_lock
 from .summary import write_summary
 
 LOG = logging.getLogger("medssl")
@@ -261,19 +261,14 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
         ci=ev.recipe.evaluate.ci,
         seed=int(c["seed"]),
     )
-    path = run.file("metrics.json")
-    m = read_json(path) if path.exists() else {}
-    m[split] = metrics
-    m["leakage_override"] = bool(m.get("leakage_override")) or bool(leak.get("override"))
-    m.setdefault("leakage", {})[split] = leak
-    m.setdefault("evaluated", {})[split] = {
+    evaluated = {
         "time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "medssl": __version__,
         "data": pool.provenance()["fingerprint"],
         "datasets": pool.dataset_ids,
         "ci": ev.recipe.evaluate.ci,
     }
-    write_json(path, m)
+    record_cell_metrics(ev.grid.path, run.file("metrics.json"), split, metrics, leak, evaluated)
     title = f"{c['name']} - {split} ({metrics['n']} images), accuracy {metrics['accuracy']:.3f}"
     title = ("SYNTHETIC DATA - " if pool.synthetic else "") + title
     plot_confusion(metrics["confusion"], pool.class_names, run.file("plots", f"confusion_{split}.png"), title)
@@ -283,6 +278,22 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
         f"{metrics['balanced_accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, AUROC "
         + (f"{metrics['auroc']:.3f}" if metrics["auroc"] is not None else "n/a")
     )
+
+
+def record_cell_metrics(
+    grid: Path, path: Path, split: str, metrics: dict[str, Any], leak: dict[str, Any],
+    evaluated: dict[str, Any],
+) -> None:
+    """Add ``split``'s metrics to a cell's metrics.json. Read-modify-write under the grid lock: two
+    evaluates of one grid (--split test and val at once) would otherwise each write back the file they
+    read and drop the other's split."""
+    with grid_lock(grid):
+        m = read_json(path) if path.exists() else {}
+        m[split] = metrics
+        m["leakage_override"] = bool(m.get("leakage_override")) or bool(leak.get("override"))
+        m.setdefault("leakage", {})[split] = leak
+        m.setdefault("evaluated", {})[split] = evaluated
+        write_json(path, m)
 
 
 def _log_groups(summary: dict[str, Any], split: str) -> None:

@@ -66,6 +66,16 @@ def plan_cells(ft: FinetuneRecipe) -> list[Cell]:
             for fraction in ft.fractions:
                 for seed in ft.seeds:
                     cells.append(Cell(len(cells), init, mode, float(fraction), int(seed)))
+    names: dict[str, Cell] = {}
+    for c in cells:  # a cell's directory is its name: two cells with one name would share one run
+        if c.name in names:
+            a, b = names[c.name], c
+            raise UserError(
+                f"Fractions {a.fraction!r} and {b.fraction!r} name the same cell ({c.name}): fractions must "
+                "differ in their first 6 significant digits.",
+                "Remove one of them from --fraction.",
+            )
+        names[c.name] = c
     return cells
 
 

@@ -3,7 +3,8 @@
 Input: the pretrain run's ``data_seen.json`` ({dataset id: {split: rows}}) and the evaluated images
 ({dataset id: {split: rows}}). Evaluating split S of dataset D leaks when pretraining used
 
-- any of the evaluated images themselves (same id, split and row), or
+- any of the evaluated images themselves: the same dataset and image row, whatever split the
+  pretraining listed it under (hand-edited or overlapping split files put a test image in train), or
 - any image of split S of D or of a dataset whose subjects overlap D's: the ids named in D's
   ``info.yaml`` ``subject_overlaps`` (either direction), and the three organ planes of one source
   (``organs_*``, ``synthetic_organs_*``), which show the same (patient, organ) items. Official splits are
@@ -56,21 +57,30 @@ def find_leakage(
     found = []
     for ds, splits in evaluated.items():
         for split, rows in splits.items():
+            mine = set(rows)
             for other in related(root, ds, list(seen)):
                 seen_rows = seen.get(other, {}).get(split) or []
-                if not seen_rows:
-                    continue
-                same = len(set(rows) & set(seen_rows)) if other == ds else 0
-                found.append(
-                    {
-                        "evaluated": f"{ds}/{split}",
-                        "evaluated_images": len(rows),
-                        "pretrained_on": f"{other}/{split}",
-                        "pretrained_images": len(seen_rows),
-                        "same_images": same,
-                    }
-                )
+                if other == ds:  # the images themselves, under any split name
+                    for seen_split, srows in sorted(seen.get(ds, {}).items()):
+                        same = len(mine & set(srows))
+                        if seen_split != split and same:
+                            found.append(_record(ds, split, rows, f"{ds}/{seen_split}", srows, same))
+                    same = len(mine & set(seen_rows))
+                else:
+                    same = 0
+                if seen_rows:
+                    found.append(_record(ds, split, rows, f"{other}/{split}", seen_rows, same))
     return found
+
+
+def _record(ds: str, split: str, rows: list[int], on: str, seen_rows: list[int], same: int) -> dict[str, Any]:
+    return {
+        "evaluated": f"{ds}/{split}",
+        "evaluated_images": len(rows),
+        "pretrained_on": on,
+        "pretrained_images": len(seen_rows),
+        "same_images": same,
+    }
 
 
 def check(

@@ -333,12 +333,17 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
     ckpt_dir = run.file("checkpoint")
     latest = distributed.from_main(dist, lambda: checkpoint.latest(ckpt_dir))  # one choice for all ranks
     if latest is not None:
-        meta, tensors = checkpoint.load(latest, net, optimizer)
+        meta, tensors = checkpoint.load(latest, net, optimizer, total)
         step = meta["step"]
-        acc = {k: v.to(device) for k, v in tensors.items() if k.startswith("acc_")}
-        acc["time"] = meta["acc_time"]
+        acc = {k: v.to(device).reshape(()) for k, v in tensors.items() if k in acc and v.numel() == 1}
+        acc["time"] = checkpoint.field(latest, meta, "acc_time", (int, float))
         rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng_")}
-        compute.set_rng_state({**meta["rng"], **rng})
+        try:
+            if set(acc) != set(zero_acc(device)):
+                raise KeyError("running sums")
+            compute.set_rng_state({**checkpoint.field(latest, meta, "rng", dict), **rng})
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise checkpoint.damaged(latest, f"its counters or RNG state: {type(exc).__name__}") from None
         LOG.info(f"Resumed from {latest.name} (epoch {step // spe}, step {step % spe} of {spe})")
     if dist.is_main and step == 0 and p.rankme_every:  # the random init's RankMe: the collapse baseline
         run.update(rankme_init=monitor_features(recipe, pool, net.backbone, device, bf16)["rankme"])

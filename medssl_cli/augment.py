@@ -47,8 +47,20 @@ BLUR_REF_SIZE = 224  # blur_sigma is given in pixels at this image size
 # Column layout of the per-view uniform draw (B, _N_UNIFORM).
 _ATTEMPTS = 10
 _U_SCALE, _U_RATIO, _U_TOP, _U_LEFT = (slice(i * _ATTEMPTS, (i + 1) * _ATTEMPTS) for i in range(4))
-(_U_FLIP, _U_JITTER, _U_BRIGHT, _U_CONTRAST, _U_SAT, _U_HUE, _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR, _U_VFLIP,
- _U_ROT) = range(4 * _ATTEMPTS, 4 * _ATTEMPTS + 12)
+(
+    _U_FLIP,
+    _U_JITTER,
+    _U_BRIGHT,
+    _U_CONTRAST,
+    _U_SAT,
+    _U_HUE,
+    _U_GRAY,
+    _U_BLUR,
+    _U_SIGMA,
+    _U_SOLAR,
+    _U_VFLIP,
+    _U_ROT,
+) = range(4 * _ATTEMPTS, 4 * _ATTEMPTS + 12)
 _N_UNIFORM = 4 * _ATTEMPTS + 12
 
 

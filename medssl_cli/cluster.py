@@ -132,6 +132,12 @@ def guarded_run(run: Run, d: Dist, body: Callable[[StopFlag], None], requeue_job
                         run.update(requeue=requeue(d, exc.signum))
                 distributed.barrier(d)  # srun --kill-on-bad-exit must not kill rank 0 mid-commit
                 raise
+            except KeyboardInterrupt:  # a second Ctrl-C stops at once: interrupted, resumable from
+                if d.is_main:  # the last committed checkpoint (not a failure)
+                    run.set_status(
+                        "interrupted", stop_signal="SIGINT", stop_note="second Ctrl-C: stopped at once"
+                    )
+                raise
             except BaseException as exc:
                 if isinstance(exc, TrainingDiverged):
                     error = "loss diverged (NaN/Inf)"

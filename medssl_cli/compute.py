@@ -10,6 +10,7 @@ The "auto" choices follow measurements of a Barlow Twins ResNet-18 training step
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import random
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+
+LOG = logging.getLogger("medssl")
 
 CHANNELS_LAST_MIN_CPU_SIZE = 64  # below this, channels_last costs time on CPU (measured, bf16)
 
@@ -191,6 +194,10 @@ def configure_threads(n: int) -> int:
     """Use ``n`` intra-op threads (0: keep torch's default, which is the usable cores). Returns the count."""
     if n < 0:
         raise UserError(f"compute.threads must be >= 0, got {n}.")
+    cores = cpu_count()
+    if n > cores:  # more threads than cores only contend (and a huge count exhausts the process)
+        LOG.warning(f"compute.threads {n} is more than the {cores} usable cores here: using {cores}.")
+        n = cores
     if n > 0:
         torch.set_num_threads(n)
     return torch.get_num_threads()

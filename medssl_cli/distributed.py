@@ -39,7 +39,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, short
 from .slurm_env import expand_nodelist, slurm_port, tasks_per_node
 
 LOG = logging.getLogger("medssl")
@@ -89,19 +89,23 @@ def detect(env: Mapping[str, str] | None = None) -> Dist:
     if env.get("MEDSSL_DIST", "").lower() in ("off", "0", "no"):
         return Dist(job_id=env.get("SLURM_JOB_ID"))  # one process, but still a SLURM job (--requeue)
     if "RANK" in env and "WORLD_SIZE" in env:
-        world = int(env["WORLD_SIZE"])
-        return Dist(
-            rank=int(env["RANK"]),
-            world_size=world,
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
-            launcher="torchrun",
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
-            job_id=env.get("SLURM_JOB_ID"),
+        world = env_int(env, "WORLD_SIZE", "", 1)
+        return _checked(
+            Dist(
+                rank=env_int(env, "RANK", "", 0),
+                world_size=world,
+                local_rank=env_int(env, "LOCAL_RANK", "0", 0),
+                local_world_size=env_int(env, "LOCAL_WORLD_SIZE", str(world), 1),
+                launcher="torchrun",
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=env_int(env, "MASTER_PORT", "29500", 1, 65535),
+                job_id=env.get("SLURM_JOB_ID"),
+            )
         )
     if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
-        world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+        world = env_int(
+            env, "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS", "", 1
+        )
         job = env.get("SLURM_JOB_ID")
         if world > 1 and "SLURM_STEP_ID" not in env:
             # The batch script itself has SLURM_PROCID=0 and SLURM_NTASKS=N but is one process.
@@ -110,22 +114,65 @@ def detect(env: Mapping[str, str] | None = None) -> Dist:
                 "Launch one task per GPU with `srun medssl pretrain ...`, or set MEDSSL_DIST=off.",
             )
         per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
-        node = int(env.get("SLURM_NODEID", 0))
+        node = env_int(env, "SLURM_NODEID", "0", 0)
         local_world = per_node[node] if node < len(per_node) else world
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         nodes = (nodes or "").strip()
         master = env.get("MASTER_ADDR") or (expand_nodelist(nodes)[0] if nodes else "127.0.0.1")
-        return Dist(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=world,
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            local_world_size=local_world,
-            launcher="slurm",
-            master_addr=master,
-            master_port=int(env.get("MASTER_PORT") or slurm_port(job)),
-            job_id=job,
+        return _checked(
+            Dist(
+                rank=env_int(env, "SLURM_PROCID", "", 0),
+                world_size=world,
+                local_rank=env_int(env, "SLURM_LOCALID", "0", 0),
+                local_world_size=local_world,
+                launcher="slurm",
+                master_addr=master,
+                master_port=env_int(env, "MASTER_PORT", "", 1, 65535)
+                if env.get("MASTER_PORT")
+                else slurm_port(job),
+                job_id=job,
+            )
         )
     return Dist(job_id=env.get("SLURM_JOB_ID"))
+
+
+def env_int(env: Mapping[str, str], key: str, default: str, low: int, high: int | None = None) -> int:
+    """An integer environment variable set by a launcher (one line naming it when it is not one)."""
+    raw = env.get(key, default)
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise UserError(
+            f"Environment variable {key}={short(raw, 40)} is not an integer {bound}.",
+            "It is set by torchrun or srun: launch through one of them, or unset it (MEDSSL_DIST=off "
+            "ignores the launcher variables and runs one process).",
+        )
+    return value
+
+
+def env_minutes(key: str, default: float) -> float:
+    """A positive number of minutes from the environment (MEDSSL_DIST_TIMEOUT, MEDSSL_DIST_JOIN_TIMEOUT)."""
+    raw = os.environ.get(key, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UserError(f"Environment variable {key}={short(raw, 40)} must be a number of minutes > 0.")
+    return value
+
+
+def _checked(d: Dist) -> Dist:
+    if d.rank >= d.world_size or d.local_rank >= max(d.local_world_size, 1):
+        raise UserError(
+            f"Launcher variables disagree: rank {d.rank} (local {d.local_rank}) of {d.world_size} "
+            f"(local {d.local_world_size}).",
+            "Launch through torchrun or srun, or unset RANK/WORLD_SIZE (or set MEDSSL_DIST=off).",
+        )
+    return d
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,6 +185,34 @@ def rank_device(d: Dist, device: torch.device) -> torch.device:
     if d.enabled and device.type == "cuda":
         return torch.device("cuda", d.local_rank % torch.cuda.device_count())
     return device
+
+
+def join_store(d: Dist) -> tdist.TCPStore:
+    """The job's TCP store, once every rank has joined: said at once, and bounded by
+    MEDSSL_DIST_JOIN_TIMEOUT minutes (default 5) rather than the 30-minute collective timeout, so a
+    stray RANK/WORLD_SIZE in the environment (no peers coming) is one line, not a silent half hour."""
+    minutes = env_minutes("MEDSSL_DIST_JOIN_TIMEOUT", 5)
+    LOG.info(
+        f"Rank {d.rank}: waiting up to {minutes:g} min for {d.world_size} ranks ({d.launcher}) at "
+        f"{d.master_addr}:{d.master_port}"
+    )
+    try:
+        return tdist.TCPStore(
+            d.master_addr,
+            d.master_port,
+            d.world_size,
+            is_master=d.rank == 0,
+            timeout=datetime.timedelta(minutes=minutes),
+            wait_for_workers=True,
+        )
+    except (RuntimeError, TimeoutError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"Rank {d.rank}: the {d.world_size} ranks of this {d.launcher} job did not all meet at "
+            f"{d.master_addr}:{d.master_port} within {minutes:g} min ({short(first, 160)}).",
+            "Start every rank (torchrun --nproc-per-node N, or srun), raise MEDSSL_DIST_JOIN_TIMEOUT, or "
+            "unset RANK/WORLD_SIZE (MEDSSL_DIST=off runs one process).",
+        ) from None
 
 
 @contextlib.contextmanager
@@ -155,15 +230,16 @@ def session(d: Dist, device: torch.device) -> Iterator[Dist]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    minutes = float(os.environ.get("MEDSSL_DIST_TIMEOUT", 30))
-    # torchrun's agent already serves a store on MASTER_PORT: env:// joins it; under srun rank 0 hosts it.
-    tdist.init_process_group(
-        backend,
-        init_method="env://" if d.launcher == "torchrun" else f"tcp://{d.master_addr}:{d.master_port}",
-        rank=d.rank,
-        world_size=d.world_size,
-        timeout=datetime.timedelta(minutes=minutes),
-    )
+    timeout = datetime.timedelta(minutes=env_minutes("MEDSSL_DIST_TIMEOUT", 30))
+    if d.launcher == "torchrun" and os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun's agent already serves a store on MASTER_PORT and handles the rendezvous: join it.
+        tdist.init_process_group(
+            backend, init_method="env://", rank=d.rank, world_size=d.world_size, timeout=timeout
+        )
+    else:  # srun, or RANK/WORLD_SIZE set without torchrun's agent: rank 0 hosts the store
+        store = join_store(d)
+        store.set_timeout(timeout)
+        tdist.init_process_group(backend, store=store, rank=d.rank, world_size=d.world_size, timeout=timeout)
     if device.type == "cpu" and d.local_world_size > 1 and not os.environ.get("OMP_NUM_THREADS"):
         # N processes x all cores each would oversubscribe the node.
         from .compute import cpu_count

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .augment import normalize, to_float
@@ -33,6 +33,7 @@ from .compute import autocast
 from .console import progress
 from .data.pool import Pool
 from .io import write_safetensors
+from .models import FEATURE_DIM
 
 LOG = logging.getLogger("medssl")
 FEATURES_VERSION = 1  # bump when extraction changes in a way that changes the numbers
@@ -131,6 +132,15 @@ def cached(
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(lb, pool, bf16)
     path = cache_dir / f"{key}.safetensors"
+    meta = {
+        "backbone": lb.key,
+        "init": lb.init,
+        "datasets": json.dumps(pool.dataset_ids),
+        "splits": json.dumps(pool.splits),
+        "image_size": str(pool.image_size),
+        "precision": "bf16" if bf16 else "fp32",
+        "images": pool.fingerprint(),
+    }
     t0 = time.perf_counter()
     with open(cache_dir / f"{key}.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # waits while another process extracts this split
@@ -138,7 +148,7 @@ def cached(
             # Only the lock holder writes this key: a temporary of it is an orphan of a killed process.
             for stale in cache_dir.glob(f".{path.name}.*.tmp"):
                 stale.unlink(missing_ok=True)
-            feats = _read(path, len(pool))
+            feats = _read(path, meta, torch.from_numpy(pool.source_idx.copy()))
             if feats is not None:
                 return FeatureSet(feats, path, True, time.perf_counter() - t0)
             module = lb.module.to(
@@ -155,15 +165,6 @@ def cached(
                 desc=desc,
             )
             lb.module.to("cpu", memory_format=torch.contiguous_format)
-            meta = {
-                "backbone": lb.key,
-                "init": lb.init,
-                "datasets": json.dumps(pool.dataset_ids),
-                "splits": json.dumps(pool.splits),
-                "image_size": str(pool.image_size),
-                "precision": "bf16" if bf16 else "fp32",
-                "images": pool.fingerprint(),
-            }
             tensors = {"features": feats.contiguous(), "source_idx": torch.from_numpy(pool.source_idx.copy())}
             write_safetensors(path, tensors, meta)
             return FeatureSet(feats, path, False, time.perf_counter() - t0)
@@ -171,15 +172,34 @@ def cached(
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
-def _read(path: Path, n: int) -> torch.Tensor | None:
+def _read(path: Path, meta: dict[str, str], source_idx: torch.Tensor) -> torch.Tensor | None:
+    """The cached features when the file is exactly what ``cached`` would write now, else None (rebuilt).
+
+    Checked: its metadata (backbone hash, datasets, splits, size, precision, images fingerprint), its
+    image rows, and the features' shape and values (float32, one 512-d row per image, all finite): a
+    cache file swapped, edited or written by another version is never served.
+    """
     if not path.is_file():
         return None
     try:
-        feats = load_file(str(path))["features"]
+        with safe_open(str(path), framework="pt") as fh:
+            stored = dict(fh.metadata() or {})
+        tensors = load_file(str(path))
+        feats, rows = tensors["features"], tensors["source_idx"]
     except (SafetensorError, OSError, KeyError):
         LOG.warning(f"Feature cache {path} is unreadable; extracting again.")
         return None
-    if feats.shape[0] != n:
-        LOG.warning(f"Feature cache {path} holds {feats.shape[0]} rows, expected {n}; extracting again.")
+    n = len(source_idx)
+    problem = next((f"metadata {k}" for k, v in meta.items() if stored.get(k) != v), None)
+    if problem is None and (feats.dtype != torch.float32 or tuple(feats.shape) != (n, FEATURE_DIM)):
+        problem = (
+            f"features of shape {tuple(feats.shape)} ({feats.dtype}), expected ({n}, {FEATURE_DIM}) float32"
+        )
+    if problem is None and not torch.equal(rows.to(torch.int64), source_idx.to(torch.int64)):
+        problem = "other image rows"
+    if problem is None and not bool(torch.isfinite(feats).all()):
+        problem = "NaN or infinite features"
+    if problem is not None:
+        LOG.warning(f"Feature cache {path} does not match ({problem}); extracting again.")
         return None
     return feats

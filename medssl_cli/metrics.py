@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import short
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -131,6 +133,16 @@ def summarize(values: Sequence[float | None]) -> dict[str, float | int | None]:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else None, "n": int(v.size)}
 
 
+def check_confusion(matrix: object, class_names: object) -> np.ndarray:
+    """A k x k matrix of finite counts >= 0 for k class names (ValueError otherwise), as float64."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if not isinstance(class_names, (list, tuple)) or m.shape != (len(class_names),) * 2:
+        raise ValueError(f"confusion matrix of shape {m.shape} for {short(class_names, 60)} classes")
+    if not np.isfinite(m).all() or (m < 0).any():
+        raise ValueError("confusion matrix with negative or non-finite counts")
+    return m
+
+
 def plot_confusion(
     matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str
 ) -> None:
@@ -138,7 +150,7 @@ def plot_confusion(
     from .plots import _plt, save_figure
 
     plt = _plt()
-    m = np.asarray(matrix, dtype=np.float64)
+    m = check_confusion(matrix, class_names)
     k = len(class_names)
     rows = m.sum(axis=1, keepdims=True)
     frac = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)

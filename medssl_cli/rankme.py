@@ -57,8 +57,9 @@ def collapse_warning(history: list[dict[str, Any]], current: float, epoch: int) 
     """One line when RankMe fell below COLLAPSE_FRACTION of its best earlier value in ``history``."""
     if current != current:
         return f"RankMe is NaN at epoch {epoch}: the features are not finite."
-    earlier = [(h["rankme"], h["epoch"]) for h in history
-               if h.get("rankme") is not None and h["epoch"] < epoch]
+    earlier = [
+        (h["rankme"], h["epoch"]) for h in history if h.get("rankme") is not None and h["epoch"] < epoch
+    ]
     if not earlier:
         return None
     best, at = max(earlier)

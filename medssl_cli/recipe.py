@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,8 +170,25 @@ class Recipe:
 # Merging and validation
 
 
+# Resource keys that no stage check covers: finite and at least this (NaN compares false everywhere).
+MINIMUM: dict[str, float] = {
+    "data.ram_budget_gb": 0.0,
+    "compute.device_budget_gb": 0.0,
+    "compute.threads": 0,
+}
+
+
 def _check_value(key: str, tp: Any, value: Any) -> Any:
     """Coerce ``value`` to annotation ``tp`` or raise a UserError naming ``key``."""
+    out = _coerce(key, tp, value)
+    if key in MINIMUM and isinstance(out, (int, float)) and not (math.isfinite(out) and out >= MINIMUM[key]):
+        raise UserError(
+            f"Recipe key '{key}' must be a finite number >= {MINIMUM[key]:g}, got {short(value)}."
+        )
+    return out
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, short
 from .io import read_json, read_yaml_mapping, write_json, write_yaml
 from .recipe import Recipe, from_dict
 
@@ -63,8 +63,22 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+MAX_NAME = 64  # characters of --name in a directory name (file systems stop at 255 bytes per name)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-") or "run"
+
+
+def check_name(name: str | None) -> str:
+    """``--name`` as it goes into a run directory's name; over ``MAX_NAME`` characters is a UserError."""
+    slug = _slug(name or "run")
+    if len(slug) > MAX_NAME:
+        raise UserError(
+            f"--name is {len(slug)} characters long ({short(slug, 40)}); at most {MAX_NAME}.",
+            "Choose a shorter --name (the run directory adds the stage and a time stamp).",
+        )
+    return slug
 
 
 @dataclass
@@ -135,8 +149,8 @@ class Run:
         """A resumed run is running again: its earlier outcome (status, stop signal and step, requeue,
         error, end time) moves into the list ``stops``, so a finished run shows no stale stop fields."""
         data = self.manifest
-        prior = {k: data.pop(k) for k in ("status", "stop_signal", "stop_step", "requeue", "error", "ended")
-                 if k in data}  # fmt: skip
+        keys = ("status", "stop_signal", "stop_step", "stop_note", "requeue", "error", "ended")
+        prior = {k: data.pop(k) for k in keys if k in data}
         data["stops"] = [*data.get("stops", []), prior]
         data["status"] = "running"
         write_json(self.manifest_path, data)
@@ -172,7 +186,7 @@ def create_run(
         ) from None
     if path is None:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = f"{stage}-{_slug(name or 'run')}-{stamp}"
+        base = f"{stage}-{check_name(name)}-{stamp}"
         for k in range(1, 1000):
             candidate = root / (base if k == 1 else f"{base}-{k}")
             try:
@@ -180,6 +194,11 @@ def create_run(
                 break
             except FileExistsError:
                 continue
+            except OSError as exc:
+                raise UserError(
+                    f"Cannot create run directory {candidate} ({exc.strerror or exc}).",
+                    "Pass a writable --runs-root with a shorter path, or a shorter --name.",
+                ) from None
         else:  # pragma: no cover - a thousand runs in one second
             raise UserError(f"Could not create a run directory under {root}.")
     else:
@@ -339,7 +358,7 @@ def detach_log(handler: logging.Handler) -> None:
 @contextlib.contextmanager
 def recording(run: Run, rank: int = 0) -> Iterator[Run]:
     """Log into the run's file while the block runs; an exception marks the run on its way out:
-    ``interrupted`` for a graceful stop, ``failed`` (with the error line) for anything else."""
+    ``interrupted`` for a graceful stop or Ctrl-C, ``failed`` (with the error line) for anything else."""
     from .preempt import Interrupted
 
     handler = attach_log(run, rank)
@@ -347,6 +366,9 @@ def recording(run: Run, rank: int = 0) -> Iterator[Run]:
         yield run
     except Interrupted:
         run.set_status("interrupted")
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C (or one outside a training loop): a stop, not a failure
+        run.set_status("interrupted", stop_signal="SIGINT", stop_note="stopped at once by Ctrl-C")
         raise
     except UserError as exc:
         run.set_status("failed", error=exc.line())

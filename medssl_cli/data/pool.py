@@ -144,7 +144,6 @@ def checked_labels(
     return lab.astype(np.int64)
 
 
-
 def load_pool(
     root: Path,
     names: list[str],

@@ -29,7 +29,13 @@ from .mimeta_format import SPLITS, TaskSpec, write_mimeta_dataset
 FRACTIONS = {"train": 0.60, "val": 0.15, "test": 0.25}
 _GRAY_PHOTOS = ("brick", "grass", "gravel", "camera", "coins", "moon", "page", "text", "horse", "cell")
 _RGB_PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "immunohistochemistry",
+    "retina",
+    "hubble_deep_field",
 )
 
 
@@ -131,9 +137,7 @@ SOURCES: dict[str, tuple[Source, str]] = {
 }
 
 
-def write_real(
-    root: Path, source: str, *, size: int = 32, seed: int = 0, overwrite: bool = False
-) -> Path:
+def write_real(root: Path, source: str, *, size: int = 32, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the real-image ``source`` as MIMeta dataset ``real_<source>`` under ``root``."""
     if source not in SOURCES:
         raise UserError(f"Unknown real-image source '{source}'.", f"Choose from: {', '.join(SOURCES)}.")

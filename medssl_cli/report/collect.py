@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import short
 from ..io import read_json
 from ..runs import locate
 
@@ -298,6 +299,14 @@ def _add(col: Collection, path: Path, info: dict[str, Any]) -> None:
         )
 
 
+def _add_checked(col: Collection, path: Path, info: dict[str, Any]) -> None:
+    """``_add``; a run whose files parse but hold the wrong types is listed, never a traceback."""
+    try:
+        _add(col, path, info)
+    except Exception as exc:  # noqa: BLE001 - any damage in a run's files becomes a listed problem
+        col.problem(path.name, f"damaged run files ({type(exc).__name__}: {short(str(exc), 120)})")
+
+
 def _sort(col: Collection) -> Collection:
     for items in (col.pretrain, col.grids, col.knn, col.tsne):
         items.sort(key=lambda r: (r.get("started") or "", r["name"]))
@@ -314,7 +323,7 @@ def collect_root(runs_root: Path) -> Collection:
         if not isinstance(info, dict):
             col.problem(d.name, f"not a readable run ({err or 'run.json is not an object'})")
             continue
-        _add(col, d, info)
+        _add_checked(col, d, info)
     return _sort(col)
 
 
@@ -326,18 +335,24 @@ def collect_grid(grid: Path) -> Collection:
         from ..errors import UserError
 
         raise UserError(f"--from {grid} is not a finetune grid ({err or 'stage/kind differ'}).")
-    _add(col, grid, info)
-    parent = locate(info["parent"], grid.parent) if info.get("parent") else None
+    _add_checked(col, grid, info)
+    parent_name = info.get("parent")
+    parent = locate(parent_name, grid.parent) if isinstance(parent_name, str) and parent_name else None
     if parent is not None:
         pinfo, perr = _json(parent / "run.json")
         if isinstance(pinfo, dict):
-            _add(col, parent, pinfo)
+            _add_checked(col, parent, pinfo)
         else:
             col.problem(parent.name, f"the grid's pretrain run is missing ({perr})")
         for d in sorted(p for p in grid.parent.iterdir() if p.is_dir() and not p.name.startswith(".")):
             sinfo, _ = _json(d / "run.json")
             if not isinstance(sinfo, dict) or sinfo.get("stage") not in ("tsne", "evaluate"):
                 continue
-            if sinfo.get("parent") and locate(sinfo["parent"], grid.parent).resolve() == parent.resolve():
-                _add(col, d, sinfo)
+            sparent = sinfo.get("parent")
+            if (
+                isinstance(sparent, str)
+                and sparent
+                and locate(sparent, grid.parent).resolve() == parent.resolve()
+            ):
+                _add_checked(col, d, sinfo)
     return _sort(col)

@@ -157,18 +157,30 @@ def pretraining(col: Collection) -> list[Block]:
                "RankMe (init / peak / final)", "throughput (samples/s)", "train time (s)", "device",
                "precision", "recipe hash"]  # fmt: skip
     blocks.append(
-        Table(headers, rows, "Barlow Twins pretraining runs (final loss = mean over the last epoch). RankMe: "
-              "effective rank of the backbone's features on a fixed sample of pretraining images (Garrido et "
-              "al., ICML 2023; label-free; max 512), before training / best / last epoch.")
+        Table(
+            headers,
+            rows,
+            "Barlow Twins pretraining runs (final loss = mean over the last epoch). RankMe: "
+            "effective rank of the backbone's features on a fixed sample of pretraining images (Garrido et "
+            "al., ICML 2023; label-free; max 512), before training / best / last epoch.",
+        )
     )
     for p in done:
         if p.get("rankme_collapsed"):
-            blocks.append(Para(f"RANKME COLLAPSE in {p['name']}: the features' effective rank fell below a "
-                               "quarter of its best value during pretraining.", "warning"))
+            blocks.append(
+                Para(
+                    f"RANKME COLLAPSE in {p['name']}: the features' effective rank fell below a "
+                    "quarter of its best value during pretraining.",
+                    "warning",
+                )
+            )
         if p.get("img_loss"):
             blocks.append(
-                Image(p["img_loss"], f"loss and RankMe curves of {p['name']}",
-                      f"Loss and RankMe per epoch of {p['name']}.")
+                Image(
+                    p["img_loss"],
+                    f"loss and RankMe curves of {p['name']}",
+                    f"Loss and RankMe per epoch of {p['name']}.",
+                )
             )
     return blocks
 

@@ -281,7 +281,11 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
 
 
 def record_cell_metrics(
-    grid: Path, path: Path, split: str, metrics: dict[str, Any], leak: dict[str, Any],
+    grid: Path,
+    path: Path,
+    split: str,
+    metrics: dict[str, Any],
+    leak: dict[str, Any],
     evaluated: dict[str, Any],
 ) -> None:
     """Add ``split``'s metrics to a cell's metrics.json. Read-modify-write under the grid lock: two

@@ -43,7 +43,7 @@ from ..data.registry import resolve_root
 from ..errors import UserError
 from ..preempt import Interrupted, StopFlag
 from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, attach_log, create_run, detach_log, locate, resolve_run
+from ..runs import Run, attach_log, check_name, create_run, detach_log, locate, resolve_run
 from .cell import Context, run_cell
 from .grid import (
     Cell,
@@ -146,6 +146,7 @@ def finetune(
     cell: int | None = None,
 ) -> Run:
     """Run (or continue) a finetune grid; returns the grid run. See the module docstring."""
+    check_name(name)  # before any work: the directory name is made much later
     dist = distributed.detect()
     with contextlib.ExitStack() as stack:  # holds the process group (opened once the device is known)
         return _finetune(

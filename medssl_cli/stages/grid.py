@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -96,7 +97,15 @@ def open_or_create(path: Path, make: Callable[[Path], Run]) -> tuple[Run, bool]:
     path = Path(path)
     if (path / "run.json").is_file():
         return Run(path), False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the grid is built beside its final place: that folder must take files
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"--grid-dir {path} cannot be created: {path.parent} is not writable ({exc.strerror or exc}).",
+            "Pass a --grid-dir inside a writable folder.",
+        ) from None
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     make(tmp)
     (tmp / CLAIM).touch()  # so that a process adopting a pre-existing folder never overwrites this grid

@@ -43,7 +43,7 @@ from ..models import build_pretrain_net, check_projector, count_params
 from ..optim import build_optimizer, set_lr
 from ..preempt import Interrupted, StopFlag
 from ..recipe import Recipe
-from ..runs import Run, create_run
+from ..runs import Run, check_name, create_run
 from .pretrain_records import (
     check_knn_monitor,
     end_epoch,
@@ -230,6 +230,7 @@ def pretrain(
     others get its path; ``distributed.py`` says what happens when one rank fails, ``cluster.py`` how a
     stop is recorded.
     """
+    check_name(name)  # before any work: the directory name is made much later
     dist = dist or distributed.detect()
     views_line = None
     if resume is None:  # a resumed run keeps the views its recipe.yaml recorded

@@ -201,8 +201,12 @@ def finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
         metrics["knn_val_accuracy"] = last["knn_val_accuracy"]
     ranks = [h["rankme"] for h in history if h.get("rankme") is not None]
     if ranks:
-        metrics.update(rankme=ranks[-1], rankme_peak=max(ranks), rankme_init=run.manifest.get("rankme_init"),
-                       rankme_collapsed=any(h.get("rankme_collapsed") for h in history))
+        metrics.update(
+            rankme=ranks[-1],
+            rankme_peak=max(ranks),
+            rankme_init=run.manifest.get("rankme_init"),
+            rankme_collapsed=any(h.get("rankme_collapsed") for h in history),
+        )
     write_json(run.file("metrics.json"), metrics)
     run.set_status("finished", metrics=metrics)
     LOG.info(

@@ -19,8 +19,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, short
 from ..io import writable_dir, write_bytes, write_json, write_text
+from ..metrics import check_confusion
 from ..recipe import Recipe
 from ..report import aggregate, sections
 from ..report.collect import Collection, collect_grid, collect_root
@@ -95,8 +96,51 @@ def _grid_figures(g: dict[str, Any], out: Path, primary: bool) -> None:
         g["img_confusions"].append((c["name"], target))
 
 
+def _trial(col: Collection, grid: dict[str, Any] | None = None) -> None:
+    """Lay out a one-run collection without writing anything (raises what a damaged run would raise)."""
+    grids = []
+    if grid is not None:
+        split, fallback = aggregate.choose_split(grid["cells"])
+        rows = aggregate.group_cells(grid["cells"], split) if split else []
+        grids.append({"grid": grid, "split": split, "fallback": fallback, "rows": rows})
+        for c in grid["cells"]:  # what _grid_figures reads
+            m = c["metrics"].get(split) if split else None
+            if m and m.get("confusion") and not c["confusion_png"].get(split):
+                check_confusion(m["confusion"], m["class_names"])
+    blocks = [
+        *sections.protocol(col, grids),
+        *sections.pretraining(col),
+        *sections.label_efficiency(grids),
+        *sections.knn_probes(col),
+        *sections.tsne(col),
+        *sections.provenance(col, {}, _synthetic(col)),
+    ]
+    to_markdown(blocks)
+
+
+def screen(col: Collection) -> Collection:
+    """Move every run whose files parse but crash the report's code (wrong types, edited values) to
+    "Missing or failed", so one damaged file never stops the report of the others."""
+    for attr in ("pretrain", "grids", "knn", "tsne"):
+        keep = []
+        for rec in getattr(col, attr):
+            one = Collection(scope=col.scope, runs_root=col.runs_root, **{attr: [rec]})
+            try:
+                _trial(one, rec if attr == "grids" else None)
+            except Exception as exc:  # noqa: BLE001 - listed with its type and message
+                detail = short(f"{type(exc).__name__}: {exc}", 160)
+                col.problem(
+                    str(rec.get("name")), "damaged run files: not reported", rec.get("status"), detail
+                )
+            else:
+                keep.append(rec)
+        setattr(col, attr, keep)
+    return col
+
+
 def build(col: Collection, out: Path) -> dict[str, Any]:
     """Aggregate, draw and copy figures into ``out``, render report.md / report.html / summary.json."""
+    col = screen(col)
     generated = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     env = versions()
     synthetic = _synthetic(col)

@@ -13,8 +13,8 @@ import torch
 from bench_pipeline import Pipeline, build, fmt_name, make_pool, view_feed
 from timing import count_flops, interleave, matmul_fn, median_ratio, peak_rss_gb, sync
 
-from medssl_cli import compute
-from medssl_cli.chunked import chunked_train_step
+from medssl_cli.barlowtwins.chunked import chunked_train_step
+from medssl_cli.runtime import compute
 from medssl_cli.stages.pretrain import train_step
 
 

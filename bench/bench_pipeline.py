@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from medssl_cli.batches import BatchSource, ViewFeed
-from medssl_cli.distributed import Dist
+from medssl_cli.barlowtwins.feed import BatchSource, ViewFeed
+from medssl_cli.barlowtwins.optim import build_optimizer, param_groups, set_lr
 from medssl_cli.models import build_pretrain_net
-from medssl_cli.optim import build_optimizer, param_groups, set_lr
 from medssl_cli.recipe import PretrainRecipe, ViewsRecipe
+from medssl_cli.runtime.launch import Dist
 from medssl_cli.stages.pretrain import train_step
 
 

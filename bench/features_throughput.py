@@ -48,14 +48,14 @@ from timing import (  # noqa: E402
     sync,
 )
 
-from medssl_cli import compute  # noqa: E402
-from medssl_cli.augment import normalize, to_float  # noqa: E402
+from medssl_cli.barlowtwins.views import normalize, to_float  # noqa: E402
 from medssl_cli.data.fractions import stratified_subset  # noqa: E402
 from medssl_cli.data.pool import Pool, load_pool  # noqa: E402
-from medssl_cli.features import extract  # noqa: E402
 from medssl_cli.models import build_backbone, load_backbone  # noqa: E402
-from medssl_cli.probes import fit_lbfgs  # noqa: E402
+from medssl_cli.readout.features import extract  # noqa: E402
+from medssl_cli.readout.probes import fit_lbfgs  # noqa: E402
 from medssl_cli.recipe import FinetuneRecipe  # noqa: E402
+from medssl_cli.runtime import compute  # noqa: E402
 
 FRACTIONS = "0.005,0.01,0.1,0.25,0.5,1.0"  # recipes/crc-bt.yaml's six
 SEEDS = "0,1,2,3,4"

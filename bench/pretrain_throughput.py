@@ -56,7 +56,7 @@ from timing import (  # noqa: E402
     sync,
 )
 
-from medssl_cli import compute  # noqa: E402
+from medssl_cli.runtime import compute  # noqa: E402
 from medssl_cli.stages.pretrain import train_step  # noqa: E402
 
 DEFAULT_BATCH = {64: 128, 224: 32}  # the cpu-probe's efficient batch sizes

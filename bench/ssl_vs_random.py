@@ -56,8 +56,9 @@ def labelled_fractions(labels_per_class: list[str], n_train: int, n_classes: int
     return out
 
 
-def run_source(source: str, size: int, work: Path, args: argparse.Namespace,
-               variants: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+def run_source(
+    source: str, size: int, work: Path, args: argparse.Namespace, variants: list[tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
     from medssl_cli.stages.evaluate import evaluate
     from medssl_cli.stages.finetune import finetune
     from medssl_cli.stages.pretrain import pretrain
@@ -67,9 +68,17 @@ def run_source(source: str, size: int, work: Path, args: argparse.Namespace,
     ds = f"real_{source}"
     runs = work / "runs"
     base = merge(Recipe(), read_recipe_file(args.recipe)) if args.recipe else Recipe()
-    base = override(base, {"data.datasets": [ds], "data.image_size": size, "pretrain.epochs": args.epochs,
-                           "pretrain.batch_size": args.batch_size, "compute.threads": args.threads,
-                           "pretrain.checkpoint_every": args.epochs})
+    base = override(
+        base,
+        {
+            "data.datasets": [ds],
+            "data.image_size": size,
+            "pretrain.epochs": args.epochs,
+            "pretrain.batch_size": args.batch_size,
+            "compute.threads": args.threads,
+            "pretrain.checkpoint_every": args.epochs,
+        },
+    )
     out: dict[str, Any] = {"source": source, "size": size, "epochs": args.epochs, "variants": {}}
     for i, (name, sets) in enumerate(variants):
         recipe = override(base, sets)
@@ -79,17 +88,24 @@ def run_source(source: str, size: int, work: Path, args: argparse.Namespace,
         n_train, n_classes = run.manifest["data"]["n_images"], len(run.manifest["data"]["class_names"])
         fracs = labelled_fractions(args.labels.split(","), n_train, n_classes)
         inits = ["ssl"] + (["random"] + (["imagenet"] if args.imagenet else []) if i == 0 else [])
-        ft = {"finetune.inits": inits, "finetune.modes": ["linear"],
-              "finetune.fractions": sorted(set(fracs.values())), "finetune.seeds": list(range(args.draws)),
-              "compute.threads": args.threads}
+        ft = {
+            "finetune.inits": inits,
+            "finetune.modes": ["linear"],
+            "finetune.fractions": sorted(set(fracs.values())),
+            "finetune.seeds": list(range(args.draws)),
+            "compute.threads": args.threads,
+        }
         grid = finetune(ft, from_run=run.path, runs_root=runs, data_dir=data, name=f"{source}{size}-{name}")
         summary = evaluate({}, from_run=grid.path, runs_root=runs, data_dir=data)
         for g in summary["groups"]:
             label = next(k for k, f in fracs.items() if abs(f - g["fraction"]) < 1e-9)
             key = name if g["init"] == "ssl" else g["init"]
             acc = g["accuracy"]
-            out["variants"].setdefault(key, {})[label] = {"mean": acc["mean"], "std": acc.get("std"),
-                                                          "n_train": g.get("n_train")}
+            out["variants"].setdefault(key, {})[label] = {
+                "mean": acc["mean"],
+                "std": acc.get("std"),
+                "n_train": g.get("n_train"),
+            }
         out["variants"][name]["pretrain_s"] = round(pre_s, 1)
         last = _history_last(run.path)
         out["variants"][name]["history_last"] = last
@@ -117,8 +133,9 @@ def table(results: list[dict[str, Any]], labels: list[str]) -> str:
             if name == "random":
                 delta = ""
             else:
-                delta = " / ".join(f"{accs[k]['mean'] - rand[k]['mean']:+.3f}" for k in labels
-                                   if k in accs and k in rand)
+                delta = " / ".join(
+                    f"{accs[k]['mean'] - rand[k]['mean']:+.3f}" for k in labels if k in accs and k in rand
+                )
             rows.append(f"| {r['source']} | {r['size']} px | {name} | " + " | ".join(cells) + f" | {delta} |")
     return head + "\n".join(rows)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medssl_cli import compute
+from medssl_cli.runtime import compute
 
 
 def sync(device: torch.device) -> None:

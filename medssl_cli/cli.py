@@ -12,11 +12,11 @@ from types import ModuleType
 import typer
 from rich.markup import escape
 
-from . import __version__
-from .commands import data, demo, evaluate, finetune, pretrain, report, tsne
-from .console import console
-from .errors import UserError
-from .preempt import Interrupted
+from medssl_cli import __version__
+from medssl_cli.commands import data, demo, evaluate, finetune, pretrain, report, tsne
+from medssl_cli.console import console
+from medssl_cli.errors import UserError
+from medssl_cli.runtime.preempt import Interrupted
 
 app = typer.Typer(
     name="medssl",
@@ -62,7 +62,7 @@ def _click_errors() -> ModuleType:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turn user errors into one line and exit code 2."""
-    from .console import setup_logging
+    from medssl_cli.console import setup_logging
 
     setup_logging()
     errors = _click_errors()

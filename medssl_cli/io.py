@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from medssl_cli.errors import UserError
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)

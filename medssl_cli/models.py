@@ -24,11 +24,16 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .errors import UserError
-from .io import write_safetensors
+from medssl_cli.errors import UserError
+from medssl_cli.io import write_safetensors
 
 ARCH = "resnet18"
 FEATURE_DIM = 512
+# Input normalisation after x/255: medssl's own backbones (pretrained or random) see (x - 0.5) / 0.5 per
+# channel; torchvision's ImageNet weights see ImageNet's mean and std (what they were trained with).
+SSL_MEAN, SSL_STD = 0.5, 0.5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # Keys of the weights metadata that must agree between a file and the network it is loaded into.
 CHECKED_KEYS = ("arch", "in_channels", "conv1_channels")
 GrayMode = Literal["replicate", "native"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io import write_with
+from medssl_cli.io import write_with
 
 
 def _plt():  # noqa: ANN202 - pyplot module

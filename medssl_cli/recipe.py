@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import UserError, did_you_mean, short
-from .io import read_yaml_mapping
+from medssl_cli.errors import UserError, did_you_mean, short
+from medssl_cli.io import read_yaml_mapping
 
 
 @dataclass
@@ -305,3 +305,17 @@ def load_recipe(path: str | Path | None = None, base: Recipe | None = None) -> R
 def from_dict(data: dict[str, Any]) -> Recipe:
     """Rebuild a saved (resolved) recipe, e.g. a parent run's ``recipe.yaml``."""
     return merge(Recipe(), data)
+
+
+def diff(a: Recipe, b: Recipe) -> list[str]:
+    """Dotted keys whose values differ between two recipes (sorted): the one recipe comparison, used
+    for --run-dir / --resume (same settings?) and for a shared --grid-dir."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))

@@ -35,10 +35,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import UserError, short
-from .io import read_json, read_yaml_mapping, write_json, write_yaml
-from .recipe import Recipe, from_dict
+from medssl_cli import __version__
+from medssl_cli.errors import UserError, short
+from medssl_cli.io import read_json, read_yaml_mapping, write_json, write_yaml
+from medssl_cli.recipe import Recipe, from_dict
 
 STATUSES = ("running", "finished", "failed", "interrupted")
 LOG = logging.getLogger("medssl")
@@ -61,6 +61,12 @@ def versions() -> dict[str, str]:
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def feature_cache_dir(runs_root: Path) -> Path:
+    """Where frozen-backbone features of the runs under ``runs_root`` are cached (``readout.features``);
+    hidden, so ``medssl report`` never takes it for a run."""
+    return Path(runs_root) / ".cache" / "features"
 
 
 MAX_NAME = 64  # characters of --name in a directory name (file systems stop at 255 bytes per name)
@@ -359,7 +365,7 @@ def detach_log(handler: logging.Handler) -> None:
 def recording(run: Run, rank: int = 0) -> Iterator[Run]:
     """Log into the run's file while the block runs; an exception marks the run on its way out:
     ``interrupted`` for a graceful stop or Ctrl-C, ``failed`` (with the error line) for anything else."""
-    from .preempt import Interrupted
+    from medssl_cli.runtime.preempt import Interrupted
 
     handler = attach_log(run, rank)
     try:

@@ -38,9 +38,9 @@ def real_ids_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def make_fake_pretrain(synth_root: Path):
-    """Factory for a finished pretrain run as stages/pretrain.py leaves it, without training: a seeded
-    random backbone in weights/backbone.safetensors (with the CONVENTIONS.md metadata), recipe.yaml,
-    run.json (status finished) and data_seen.json (+ ``extra_seen`` to simulate leakage)."""
+    """Factory for a finished pretrain run as stages/pretrain leaves it, without training: a seeded
+    random backbone in weights/backbone.safetensors (with the metadata the pretrain stage writes),
+    recipe.yaml, run.json (status finished) and data_seen.json (+ ``extra_seen`` to simulate leakage)."""
 
     def make(
         runs_root: Path,

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
-from medssl_cli import augment
-from medssl_cli.augment import make_pair, make_view, normalize, to_float
-from medssl_cli.blur import blur_matrices
+from medssl_cli.barlowtwins import views as augment
+from medssl_cli.barlowtwins.blur import blur_matrices
+from medssl_cli.barlowtwins.views import make_pair, make_view, normalize, to_float
 from medssl_cli.errors import UserError
 from medssl_cli.recipe import ViewRecipe, ViewsRecipe
 
@@ -390,7 +390,7 @@ def test_cuda_matches_cpu_semantics_and_is_deterministic(monkeypatch):
 
 
 def test_flip_warning_only_for_sided_classes() -> None:
-    from medssl_cli.augment import flip_warning
+    from medssl_cli.barlowtwins.views import flip_warning
 
     organs = ["heart", "left lung", "right lung", "liver", "left kidney", "right kidney", "left femoral head"]
     line = flip_warning(0.5, organs, "views.view1.flip_p")

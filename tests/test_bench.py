@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from medssl_cli.compute import cpp_compiler_problem
+from medssl_cli.runtime.compute import cpp_compiler_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from medssl_cli.chunked import bn_state, chunk_count, chunked_train_step
+from medssl_cli.barlowtwins.chunked import bn_state, chunk_count, chunked_train_step
 from medssl_cli.models import build_pretrain_net
 from medssl_cli.stages.pretrain import train_step
 
@@ -88,7 +88,7 @@ def test_train_bn_chunks_change_the_gradient() -> None:
 
 
 def test_chunked_loss_is_the_full_batch_loss_of_chunk_embeddings() -> None:
-    from medssl_cli.losses import barlow_twins_loss
+    from medssl_cli.barlowtwins.loss import barlow_twins_loss
 
     net = _net()
     probe = copy.deepcopy(net)

@@ -31,10 +31,10 @@ import pytest
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
-from medssl_cli import checkpoint
 from medssl_cli.cli import main
 from medssl_cli.errors import UserError
 from medssl_cli.io import read_json, read_jsonl
+from medssl_cli.runtime import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 AXIAL = "synthetic_organs_axial"
@@ -315,7 +315,7 @@ def test_live_run_lock_refuses_a_second_resume_and_sigterm_interrupts(
 def test_ctrl_c_stops_a_grid_between_cells_and_resume_finishes_it(
     synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medssl_cli.preempt import StopFlag
+    from medssl_cli.runtime.preempt import StopFlag
 
     calls = {"n": 0}
 

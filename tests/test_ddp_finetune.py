@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from medssl_cli import distributed
-from medssl_cli.distributed import Dist, detect
 from medssl_cli.models import LinearHead, build_backbone
-from medssl_cli.stages import full_ft
+from medssl_cli.runtime import distributed
+from medssl_cli.runtime.launch import Dist, detect
+from medssl_cli.stages.finetune import full_ft
 
 GLOBAL_BATCH = 11  # odd: the ranks get 6 and 5 images
 CLASSES = 3

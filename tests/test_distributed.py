@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from medssl_cli import checkpoint, cluster, distributed
-from medssl_cli.batches import epoch_order, rank_batch
-from medssl_cli.distributed import Dist, detect, expand_nodelist, tasks_per_node
+from medssl_cli import lifecycle
+from medssl_cli.barlowtwins.feed import epoch_order, rank_batch
 from medssl_cli.errors import UserError
 from medssl_cli.models import build_pretrain_net
 from medssl_cli.recipe import Recipe, override
 from medssl_cli.runs import Run, create_run
+from medssl_cli.runtime import checkpoint, distributed, launch
+from medssl_cli.runtime.launch import Dist, detect, expand_nodelist, tasks_per_node
 from medssl_cli.stages import pretrain as stage
 
 LAMBD = 0.0051
@@ -55,7 +56,7 @@ def test_detect_torchrun_slurm_and_alone() -> None:
     s = detect(slurm)
     assert (s.rank, s.world_size, s.local_rank, s.local_world_size, s.launcher) == (5, 8, 1, 4, "slurm")
     assert (s.master_addr, s.master_port, s.job_id) == ("gpu07", 15000 + 4242, "4242")
-    assert distributed.slurm_port("12345678") == 15000 + 12345678 % 17000 < 32768  # below ephemeral ports
+    assert launch.slurm_port("12345678") == 15000 + 12345678 % 17000 < 32768  # below ephemeral ports
     assert detect({**slurm, "MASTER_ADDR": "ib-gpu07", "MASTER_PORT": "2000"}).master_addr == "ib-gpu07"
     assert detect({**slurm, "MEDSSL_DIST": "off"}).world_size == 1
     # The brief's faked single-task environment: one process, nothing to initialise.
@@ -225,26 +226,26 @@ def _recipe(**extra: object) -> Recipe:
 
 def test_resolve_target(tmp_path: Path) -> None:
     r = _recipe()
-    assert cluster.resolve_target("pretrain", r, None, None) == ("new", None)
-    assert cluster.resolve_target("pretrain", r, None, tmp_path / "a") == ("new", str(tmp_path / "a"))
+    assert lifecycle.resolve_target("pretrain", r, None, None) == ("new", None)
+    assert lifecycle.resolve_target("pretrain", r, None, tmp_path / "a") == ("new", str(tmp_path / "a"))
     (tmp_path / "empty").mkdir()
-    assert cluster.resolve_target("pretrain", r, None, tmp_path / "empty")[0] == "new"
+    assert lifecycle.resolve_target("pretrain", r, None, tmp_path / "empty")[0] == "new"
     run = create_run(tmp_path, "pretrain", r, path=tmp_path / "job-7")
-    assert cluster.resolve_target("pretrain", r, None, run.path) == ("resume", str(run.path))
+    assert lifecycle.resolve_target("pretrain", r, None, run.path) == ("resume", str(run.path))
     with pytest.raises(UserError, match=r"other settings \(pretrain.epochs differ\)"):
-        cluster.resolve_target("pretrain", _recipe(**{"pretrain.epochs": 3}), None, run.path)
+        lifecycle.resolve_target("pretrain", _recipe(**{"pretrain.epochs": 3}), None, run.path)
     with pytest.raises(UserError, match="is a pretrain run, not a finetune run"):
-        cluster.resolve_target("finetune", r, None, run.path)
+        lifecycle.resolve_target("finetune", r, None, run.path)
     with pytest.raises(UserError, match="either --resume"):
-        cluster.resolve_target("pretrain", r, run.path, run.path)
+        lifecycle.resolve_target("pretrain", r, run.path, run.path)
     run.set_status("finished")
-    assert cluster.resolve_target("pretrain", r, None, run.path) == ("finished", str(run.path))
+    assert lifecycle.resolve_target("pretrain", r, None, run.path) == ("finished", str(run.path))
     with pytest.raises(UserError, match="already finished"):
-        cluster.resolve_target("pretrain", r, run.path, None)
+        lifecycle.resolve_target("pretrain", r, run.path, None)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(UserError, match="not a medssl run"):
-        cluster.resolve_target("pretrain", r, None, tmp_path / "junk")
+        lifecycle.resolve_target("pretrain", r, None, tmp_path / "junk")
 
 
 def test_requeue_calls_scontrol_only_when_it_should(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,16 +256,16 @@ def test_requeue_calls_scontrol_only_when_it_should(tmp_path: Path, monkeypatch:
     stub.chmod(0o755)
     job = Dist(job_id="99")
     monkeypatch.setenv("PATH", str(stub.parent), prepend=os.pathsep)
-    assert cluster.requeue(job, signal.SIGINT) == "not requeued (SIGINT)"
-    assert cluster.requeue(Dist(), signal.SIGUSR1) == "not requeued (not a SLURM job)"
-    assert cluster.requeue(Dist(rank=1, world_size=2, job_id="99"), signal.SIGUSR1) == "not rank 0"
+    assert lifecycle.requeue(job, signal.SIGINT) == "not requeued (SIGINT)"
+    assert lifecycle.requeue(Dist(), signal.SIGUSR1) == "not requeued (not a SLURM job)"
+    assert lifecycle.requeue(Dist(rank=1, world_size=2, job_id="99"), signal.SIGUSR1) == "not rank 0"
     assert not log.exists()
-    assert cluster.requeue(job, signal.SIGUSR1) == "requeued job 99"
-    assert cluster.requeue(job, signal.SIGTERM) == "requeued job 99"
+    assert lifecycle.requeue(job, signal.SIGUSR1) == "requeued job 99"
+    assert lifecycle.requeue(job, signal.SIGTERM) == "requeued job 99"
     assert log.read_text().splitlines() == ["requeue 99", "requeue 99"]
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
-    assert cluster.requeue(job, signal.SIGUSR1) == "not requeued (no scontrol)"
-    assert cluster.exit_code(signal.SIGUSR1) == 138 and cluster.exit_code(signal.SIGTERM) == 143
+    assert lifecycle.requeue(job, signal.SIGUSR1) == "not requeued (no scontrol)"
+    assert lifecycle.exit_code(signal.SIGUSR1) == 138 and lifecycle.exit_code(signal.SIGTERM) == 143
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,19 +337,19 @@ def test_torchrun_two_ranks_stop_on_one_rank_and_resume_exactly(synth_root: Path
 
 
 def test_guarded_run_records_stop_failure_and_refuses_a_live_run(tmp_path: Path) -> None:
-    from medssl_cli.preempt import Interrupted
     from medssl_cli.runs import RunLock
+    from medssl_cli.runtime.preempt import Interrupted
 
     run = create_run(tmp_path, "pretrain", _recipe(), path=tmp_path / "r")
     with RunLock(run.path), pytest.raises(UserError, match="in use by another process"):
-        cluster.guarded_run(run, Dist(), lambda stop: None)
+        lifecycle.guarded_run(run, Dist(), lambda stop: None)
     assert run.status == "running"  # the live run is not marked failed
 
     def stop_at_step_5(stop: object) -> None:
         raise Interrupted(str(run.path), signal.SIGTERM, 5)
 
     with pytest.raises(Interrupted):
-        cluster.guarded_run(run, Dist(), stop_at_step_5, requeue_job=True)
+        lifecycle.guarded_run(run, Dist(), stop_at_step_5, requeue_job=True)
     info = run.manifest
     assert (info["status"], info["stop_signal"], info["stop_step"]) == ("interrupted", "SIGTERM", 5)
     assert info["requeue"] == "not requeued (not a SLURM job)"
@@ -357,18 +358,18 @@ def test_guarded_run_records_stop_failure_and_refuses_a_live_run(tmp_path: Path)
         raise RuntimeError("CUDA out of memory")
 
     with pytest.raises(RuntimeError):
-        cluster.guarded_run(run, Dist(), crash)
+        lifecycle.guarded_run(run, Dist(), crash)
     assert run.status == "failed" and run.manifest["error"] == "RuntimeError: CUDA out of memory"
 
 
 def test_dist_off_keeps_the_slurm_job_id() -> None:
     """MEDSSL_DIST=off (one process in a batch script) is still a SLURM job: --requeue needs its id."""
-    d = distributed.detect({"MEDSSL_DIST": "off", "SLURM_JOB_ID": "7100", "SLURM_NTASKS": "4"})
+    d = launch.detect({"MEDSSL_DIST": "off", "SLURM_JOB_ID": "7100", "SLURM_NTASKS": "4"})
     assert not d.enabled and d.job_id == "7100"
 
 
 def test_stop_flag_keeps_sigint_over_requeue_signals() -> None:
-    from medssl_cli.preempt import StopFlag
+    from medssl_cli.runtime.preempt import StopFlag
 
     f = StopFlag()
     f._handle(signal.SIGINT, None)

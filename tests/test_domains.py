@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssl_cli.augment import make_view
+from medssl_cli.barlowtwins.views import make_view
 from medssl_cli.data.domains import (
     DOMAIN_GEOMETRY,
     dataset_geometry,
@@ -21,8 +21,17 @@ from medssl_cli.recipe import Recipe, ViewRecipe, ViewsRecipe, load_recipe, over
 from medssl_cli.stages.pretrain import optimizer_warning
 
 REPO = Path(__file__).resolve().parents[1]
-OFF = ViewRecipe(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], flip_p=0.0, vflip_p=0.0, rot90_p=0.0,
-                 jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+OFF = ViewRecipe(
+    crop_scale=[1.0, 1.0],
+    crop_ratio=[1.0, 1.0],
+    flip_p=0.0,
+    vflip_p=0.0,
+    rot90_p=0.0,
+    jitter_p=0.0,
+    grayscale_p=0.0,
+    blur_p=0.0,
+    solarize_p=0.0,
+)
 
 
 def test_built_in_pretraining_defaults_are_the_official_lars() -> None:
@@ -57,10 +66,19 @@ def test_random_backbone_keeps_torchvision_default_init() -> None:
 
 @pytest.mark.parametrize(
     ("domain", "geometry"),
-    [("Abdominal CT", "none"), ("Chest X-ray", "none"), ("Mammography", "none"), ("OCT", "none"),
-     ("Breast ultrasound", "none"), ("Retinal fundus", "none"), ("Histopathology", "dihedral"),
-     ("Microscopy", "dihedral"), ("Dermatoscopy", "dihedral"), ("Clinical skin photography", "hflip"),
-     ("Synthetic histopathology", "dihedral")],
+    [
+        ("Abdominal CT", "none"),
+        ("Chest X-ray", "none"),
+        ("Mammography", "none"),
+        ("OCT", "none"),
+        ("Breast ultrasound", "none"),
+        ("Retinal fundus", "none"),
+        ("Histopathology", "dihedral"),
+        ("Microscopy", "dihedral"),
+        ("Dermatoscopy", "dihedral"),
+        ("Clinical skin photography", "hflip"),
+        ("Synthetic histopathology", "dihedral"),
+    ],
 )
 def test_domain_geometry(domain: str, geometry: str) -> None:
     assert dataset_geometry("some_id", domain)[0] == geometry
@@ -134,9 +152,17 @@ def test_unresolved_views_never_flip() -> None:
 def test_pretrain_logs_the_resolved_views(synth_root: Path, tmp_path: Path) -> None:
     from medssl_cli.stages.pretrain import pretrain
 
-    r = override(Recipe(), {"data.datasets": ["synthetic_crc"], "data.image_size": 16,
-                            "pretrain.epochs": 1, "pretrain.batch_size": 32, "model.projector": [32, 32],
-                            "compute.precision": "fp32"})
+    r = override(
+        Recipe(),
+        {
+            "data.datasets": ["synthetic_crc"],
+            "data.image_size": 16,
+            "pretrain.epochs": 1,
+            "pretrain.batch_size": 32,
+            "model.projector": [32, 32],
+            "compute.precision": "fp32",
+        },
+    )
     run = pretrain(r, data_dir=synth_root, runs_root=tmp_path)
     log = run.file("log.txt").read_text()
     assert "View geometry 'dihedral'" in log and "vflip 0.5" in log

@@ -10,12 +10,12 @@ import yaml
 from typer.testing import CliRunner
 
 from medssl_cli.commands.evaluate import evaluate as evaluate_cmd
+from medssl_cli.data.leakage import find_leakage, related
 from medssl_cli.errors import UserError
 from medssl_cli.io import read_json
 from medssl_cli.runs import Run
 from medssl_cli.stages.evaluate import evaluate
 from medssl_cli.stages.finetune import finetune
-from medssl_cli.stages.leakage import find_leakage, related
 
 AXIAL, CORONAL = "synthetic_organs_axial", "synthetic_organs_coronal"
 METRIC_KEYS = {

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssl_cli.augment import make_pair, normalize
-from medssl_cli.batches import BatchSource, ViewFeed, epoch_order, view_generator
-from medssl_cli.compute import cpp_compiler_problem
+from medssl_cli.barlowtwins.feed import BatchSource, ViewFeed, epoch_order, view_generator
+from medssl_cli.barlowtwins.views import make_pair, normalize
 from medssl_cli.data.pool import load_pool
-from medssl_cli.distributed import Dist
 from medssl_cli.recipe import ViewsRecipe
+from medssl_cli.runtime.compute import cpp_compiler_problem
+from medssl_cli.runtime.launch import Dist
 
 PLANES = ["synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal"]
 

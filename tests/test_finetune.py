@@ -17,15 +17,15 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from medssl_cli import backbones
 from medssl_cli.commands.finetune import finetune as finetune_cmd
 from medssl_cli.commands.finetune import parse_fractions, parse_seeds
 from medssl_cli.errors import UserError
+from medssl_cli.grids import open_or_create, plan_cells, release, try_cell_lock
 from medssl_cli.io import read_json, write_json
+from medssl_cli.readout import backbones
 from medssl_cli.runs import Run, create_run
 from medssl_cli.stages import finetune as ft_stage
 from medssl_cli.stages.finetune import finetune
-from medssl_cli.stages.grid import open_or_create, plan_cells, release, try_cell_lock
 
 AXIAL = "synthetic_organs_axial"
 FAST = {"finetune.c_grid": [0.1, 1.0], "compute.device": "cpu", "compute.threads": 1}
@@ -46,7 +46,9 @@ def linear(tmp_path_factory, synth_root, make_fake_pretrain):
     weights = pre.file("weights", "backbone.safetensors")
     before = _sha(weights)
     loaded, splits = [], []
-    real_load, real_pool = backbones.load, ft_stage.load_pool
+    from medssl_cli.data import pool as pool_module
+
+    real_load, real_pool = backbones.load, pool_module.load_pool
 
     def spy_load(*a, **k):
         lb = loaded.append(real_load(*a, **k)) or loaded[-1]
@@ -60,7 +62,7 @@ def linear(tmp_path_factory, synth_root, make_fake_pretrain):
     recipe_file.write_text("finetune:\n  c_grid: [0.1, 1.0]\n  fractions: [0.3]\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backbones, "load", spy_load)
-        mp.setattr(ft_stage, "load_pool", spy_pool)
+        mp.setattr(pool_module, "load_pool", spy_pool)
         overrides = {"finetune.fractions": [0.1, 0.5, 1.0], "finetune.seeds": [0, 1], "compute.device": "cpu"}
         grid = finetune(overrides, recipe_file=recipe_file, runs_root=runs, data_dir=synth_root)
     return {"grid": grid, "pre": pre, "runs": runs, "loaded": loaded, "splits": splits, "weights_sha": before}
@@ -247,16 +249,25 @@ def test_full_mode_trains_backbone(tmp_path, synth_root) -> None:
 
 
 def test_full_mode_flip_warning_when_a_recipe_flips_sided_organs(tmp_path, synth_root) -> None:
-    ov = {**FAST, "finetune.inits": ["random"], "finetune.modes": ["full"], "finetune.fractions": [1.0],
-          "finetune.seeds": [0], "finetune.epochs": 1, "finetune.batch_size": 16, "data.datasets": [AXIAL],
-          "data.image_size": 32, "views.view1.flip_p": 0.5}
+    ov = {
+        **FAST,
+        "finetune.inits": ["random"],
+        "finetune.modes": ["full"],
+        "finetune.fractions": [1.0],
+        "finetune.seeds": [0],
+        "finetune.epochs": 1,
+        "finetune.batch_size": 16,
+        "data.datasets": [AXIAL],
+        "data.image_size": 32,
+        "views.view1.flip_p": 0.5,
+    }
     grid = finetune(ov, runs_root=tmp_path, data_dir=synth_root)
     assert "Full fine-tuning: Views flip left-right (p = 0.5)" in grid.file("log.txt").read_text()
 
 
 @pytest.mark.parametrize("bs", [2, 3, 16, 64])
 def test_full_ft_batches_hold_every_image_once(bs) -> None:
-    from medssl_cli.stages.full_ft import _batches
+    from medssl_cli.stages.finetune.full_ft import _batches
 
     for n in range(1, 3 * bs + 3):
         out = _batches(torch.randperm(n), bs)

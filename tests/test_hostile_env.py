@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_user_errors import one_error_line
 
-from medssl_cli import distributed
-from medssl_cli.distributed import detect
 from medssl_cli.errors import UserError
+from medssl_cli.runtime import distributed, launch
+from medssl_cli.runtime.launch import detect
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +56,7 @@ def test_cli_with_a_stray_non_numeric_world_size(monkeypatch, capsys, tmp_path: 
 def test_bad_timeouts_are_one_line(monkeypatch, value: str) -> None:
     monkeypatch.setenv("MEDSSL_DIST_JOIN_TIMEOUT", value)
     with pytest.raises(UserError, match="MEDSSL_DIST_JOIN_TIMEOUT"):
-        distributed.env_minutes("MEDSSL_DIST_JOIN_TIMEOUT", 5)
+        launch.env_minutes("MEDSSL_DIST_JOIN_TIMEOUT", 5)
 
 
 def test_world_size_two_without_a_peer_gives_up_with_one_line(monkeypatch, port: int) -> None:
@@ -105,7 +105,7 @@ def test_nan_or_negative_resource_keys_are_refused(key: str, value: object) -> N
 
 
 def test_more_threads_than_cores_are_capped_with_a_warning(monkeypatch) -> None:
-    from medssl_cli import compute
+    from medssl_cli.runtime import compute
 
     said: list[str] = []
     monkeypatch.setattr(compute.LOG, "warning", lambda msg, *a, **k: said.append(msg))

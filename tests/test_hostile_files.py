@@ -15,13 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medssl_cli import backbones, checkpoint
 from medssl_cli.errors import UserError
 from medssl_cli.io import read_json, write_json
 from medssl_cli.models import load_weights, save_weights
-from medssl_cli.preempt import Interrupted, StopFlag
+from medssl_cli.readout import backbones
 from medssl_cli.recipe import Recipe, override
 from medssl_cli.runs import Run
+from medssl_cli.runtime import checkpoint
+from medssl_cli.runtime.preempt import Interrupted, StopFlag
 from medssl_cli.stages import pretrain as stage
 
 # --------------------------------------------------------------------------------------------
@@ -267,8 +268,8 @@ def test_report_lists_damaged_run_files_instead_of_crashing(tmp_path: Path) -> N
     listed as damaged. Without `screen` 290 of the 5,229 variants crashed the report."""
     from test_report import PLAN, make_grid, make_knn, make_pretrain, make_tsne
 
-    from medssl_cli.report.collect import collect_root
     from medssl_cli.stages import report as rep
+    from medssl_cli.stages.report.collect import collect_root
 
     root = tmp_path / "runs"
     pre = make_pretrain(root, "pretrain-a-20260101-000000")
@@ -327,8 +328,8 @@ def test_medssl_report_with_one_damaged_file_lists_it(tmp_path: Path, target: st
 
 
 def _cache_case(synth_root: Path, tmp_path: Path):  # noqa: ANN202
-    from medssl_cli import features
     from medssl_cli.data.pool import load_pool
+    from medssl_cli.readout import features
 
     pool = load_pool(synth_root, ["synthetic_organs_axial"], ["val"], image_size=32)
     lb = backbones.random_init(1, "replicate", 0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from medssl_cli.errors import UserError, short
+from medssl_cli.grids import plan_cells
 from medssl_cli.recipe import FinetuneRecipe, read_recipe_file
-from medssl_cli.stages.grid import plan_cells
 
 BOMB = """\
 a: &a [x, x, x, x, x, x, x, x, x, x]
@@ -71,8 +71,19 @@ def test_cli_duplicate_cell_fractions_one_line(tmp_path: Path, capsys, monkeypat
 
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit) as exc:
-        main(["finetune", "--init", "random", "--datasets", "x", "--fraction", "0.1,0.1000001",
-              "--runs-root", str(tmp_path)])
+        main(
+            [
+                "finetune",
+                "--init",
+                "random",
+                "--datasets",
+                "x",
+                "--fraction",
+                "0.1,0.1000001",
+                "--runs-root",
+                str(tmp_path),
+            ]
+        )
     out = capsys.readouterr()
     lines = [x for x in (out.out + out.err).splitlines() if x.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and "name the same cell" in lines[0], lines

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+from medssl_cli.data.leakage import find_leakage
 from medssl_cli.data.pool import load_pool
 from medssl_cli.errors import UserError
-from medssl_cli.stages.leakage import find_leakage
 
 AXIAL = "synthetic_organs_axial"
 
@@ -57,8 +57,12 @@ def test_trailing_blank_lines_are_fine(root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("line", "needle"),
-    [("images/abc.tiff", "names no image number"), ("images/-000001.tiff", "negative image number -1"),
-     ("images/999999.tiff", "beyond the"), ("DUP", "listed twice")],
+    [
+        ("images/abc.tiff", "names no image number"),
+        ("images/-000001.tiff", "negative image number -1"),
+        ("images/999999.tiff", "beyond the"),
+        ("DUP", "listed twice"),
+    ],
 )
 def test_bad_split_lines_name_file_and_line(root: Path, line: str, needle: str) -> None:
     lines = split_path(root, "val").read_text().splitlines()
@@ -131,8 +135,21 @@ def test_cli_overlapping_splits_one_line_exit_2(root: Path, tmp_path: Path, caps
     with split_path(root, "train").open("a") as f:
         f.write(split_path(root, "val").read_text().splitlines()[0] + "\n")
     with pytest.raises(SystemExit) as exc:
-        main(["pretrain", "--data-dir", str(root), "--datasets", AXIAL, "--image-size", "32", "--epochs", "1",
-              "--runs-root", str(tmp_path / "runs")])
+        main(
+            [
+                "pretrain",
+                "--data-dir",
+                str(root),
+                "--datasets",
+                AXIAL,
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--runs-root",
+                str(tmp_path / "runs"),
+            ]
+        )
     out = capsys.readouterr()
     lines = [x for x in (out.out + out.err).splitlines() if x.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and "share 1 image" in lines[0], lines
@@ -141,11 +158,13 @@ def test_cli_overlapping_splits_one_line_exit_2(root: Path, tmp_path: Path, caps
 
 @pytest.mark.parametrize(
     ("edit", "needle"),
-    [(lambda i: i["tasks"][0].__setitem__("labels", ["a", "b"]), "labels must be a non-empty mapping"),
-     (lambda i: i["tasks"][0].__setitem__("labels", {}), "labels must be a non-empty mapping"),
-     (lambda i: i.__setitem__("id", None), "id must be a non-empty string"),
-     (lambda i: i.__setitem__("splits_num_samples", [1, 2]), "splits_num_samples must be a mapping"),
-     (lambda i: i.__setitem__("input_size", [1, 0, 32]), "H, W > 0")],
+    [
+        (lambda i: i["tasks"][0].__setitem__("labels", ["a", "b"]), "labels must be a non-empty mapping"),
+        (lambda i: i["tasks"][0].__setitem__("labels", {}), "labels must be a non-empty mapping"),
+        (lambda i: i.__setitem__("id", None), "id must be a non-empty string"),
+        (lambda i: i.__setitem__("splits_num_samples", [1, 2]), "splits_num_samples must be a mapping"),
+        (lambda i: i.__setitem__("input_size", [1, 0, 32]), "H, W > 0"),
+    ],
     ids=["labels-list", "labels-empty", "null-id", "counts-list", "zero-size"],
 )
 def test_malformed_info_fields_are_one_line(root: Path, edit, needle: str) -> None:  # noqa: ANN001

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from medssl_cli import checkpoint, io
+from medssl_cli import io
 from medssl_cli.errors import UserError
 from medssl_cli.models import build_backbone, save_weights
 from medssl_cli.runs import RunLock
+from medssl_cli.runtime import checkpoint
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from medssl_cli.losses import barlow_twins_loss, batch_standardize
+from medssl_cli.barlowtwins.loss import barlow_twins_loss, batch_standardize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ WORKER = textwrap.dedent(
     import torch.multiprocessing as mp
 
     sys.path.insert(0, {root!r})
-    from medssl_cli.losses import barlow_twins_loss
+    from medssl_cli.barlowtwins.loss import barlow_twins_loss
 
     def work(rank, out):
         dist.init_process_group("gloo", init_method="file://" + out + "/store", rank=rank, world_size=2)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from medssl_cli.metrics import (
+from medssl_cli.readout.metrics import (
     bootstrap_interval,
     compute_metrics,
     confusion,

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medssl_cli import compute
+from medssl_cli.barlowtwins.optim import LARS, build_optimizer, lr_at, param_groups, set_lr
 from medssl_cli.errors import UserError
 from medssl_cli.models import build_pretrain_net
-from medssl_cli.optim import LARS, build_optimizer, lr_at, param_groups, set_lr
 from medssl_cli.recipe import PretrainRecipe
+from medssl_cli.runtime import compute
 
 
 def test_lars_on_1d_params_is_sgd_momentum_without_weight_decay():

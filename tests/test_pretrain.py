@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medssl_cli import checkpoint
 from medssl_cli.errors import TrainingDiverged, UserError
-from medssl_cli.preempt import Interrupted, StopFlag
 from medssl_cli.recipe import Recipe, override
 from medssl_cli.runs import Run
+from medssl_cli.runtime import checkpoint
+from medssl_cli.runtime.preempt import Interrupted, StopFlag
 from medssl_cli.stages import pretrain as stage
 
 PLANES = ["synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal"]
@@ -142,7 +142,9 @@ def test_checkpoint_restores_optimizer_state_in_the_parameters_layout(tmp_path: 
 def test_nan_loss_stops_with_failed_status_and_keeps_checkpoint(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = stage.barlow_twins_loss
+    from medssl_cli.stages.pretrain import loop
+
+    real = loop.barlow_twins_loss
     calls = {"n": 0}
 
     def flaky(z1, z2, lambd, world_size):  # noqa: ANN001, ANN202
@@ -150,7 +152,7 @@ def test_nan_loss_stops_with_failed_status_and_keeps_checkpoint(
         loss, on, off = real(z1, z2, lambd, world_size)
         return (loss * float("nan"), on, off) if calls["n"] > 3 else (loss, on, off)
 
-    monkeypatch.setattr(stage, "barlow_twins_loss", flaky)
+    monkeypatch.setattr(loop, "barlow_twins_loss", flaky)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+.*Lower --lr"):
         stage.pretrain(tiny(), data_dir=synth_root, runs_root=tmp_path)
     (run_dir,) = tmp_path.iterdir()
@@ -268,10 +270,10 @@ def test_knn_monitor_reuses_the_pool_and_equals_a_direct_knn(synth_root: Path) -
     """The monitor's bank is the pretraining pool's images (no second in-RAM copy of the train split)
     and its accuracy is a plain kNN train -> val on in-RAM labelled splits."""
     from medssl_cli.data.pool import load_pool
-    from medssl_cli.features import extract
     from medssl_cli.models import build_backbone
-    from medssl_cli.probes import knn_predict
-    from medssl_cli.stages.pretrain_records import _knn_monitor, _labelled_split
+    from medssl_cli.readout.features import extract
+    from medssl_cli.readout.probes import knn_predict
+    from medssl_cli.stages.pretrain.records import _knn_monitor, _labelled_split
 
     pool = load_pool(synth_root, PLANES, ["train"], image_size=32, supervised=False)
     torch.manual_seed(0)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from medssl_cli import probes
-from medssl_cli.probes import fit_lbfgs, fit_sgd, knn_predict, knn_scores, standardizer
+from medssl_cli.readout import probes
+from medssl_cli.readout.probes import fit_lbfgs, fit_sgd, knn_predict, knn_scores, standardizer
 
 
 def _blobs(

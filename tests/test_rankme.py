@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from medssl_cli.rankme import collapse_warning, feature_stats, rankme, sample_rows
+from medssl_cli.barlowtwins.rankme import collapse_warning, feature_stats, rankme, sample_rows
 from medssl_cli.recipe import Recipe, override
 
 
@@ -47,15 +47,27 @@ def test_sample_rows_fixed_and_spread() -> None:
 def test_pretrain_records_rankme_every_epoch(synth_root: Path, tmp_path: Path) -> None:
     from medssl_cli.stages.pretrain import pretrain
 
-    r = override(Recipe(), {"data.datasets": ["synthetic_organs_axial"], "data.image_size": 16,
-                            "pretrain.epochs": 2, "pretrain.batch_size": 16, "model.projector": [32, 32],
-                            "compute.precision": "fp32", "pretrain.rankme_samples": 40})
+    r = override(
+        Recipe(),
+        {
+            "data.datasets": ["synthetic_organs_axial"],
+            "data.image_size": 16,
+            "pretrain.epochs": 2,
+            "pretrain.batch_size": 16,
+            "model.projector": [32, 32],
+            "compute.precision": "fp32",
+            "pretrain.rankme_samples": 40,
+        },
+    )
     run = pretrain(r, data_dir=synth_root, runs_root=tmp_path)
     history = [json.loads(line) for line in run.file("history.jsonl").read_text().splitlines()]
     assert all({"rankme", "feature_std_mean", "feature_std_min", "dead_dims"} <= set(h) for h in history)
     assert all(1 <= h["rankme"] <= 40 for h in history)
     m = run.manifest["metrics"]
-    assert m["rankme"] == history[-1]["rankme"] and 1 <= m["rankme_init"] <= 40 and m["rankme_collapsed"] in (
-        True, False)
+    assert (
+        m["rankme"] == history[-1]["rankme"]
+        and 1 <= m["rankme_init"] <= 40
+        and m["rankme_collapsed"] in (True, False)
+    )
     off = pretrain(override(r, {"pretrain.rankme_every": 0}), data_dir=synth_root, runs_root=tmp_path)
     assert "rankme" not in off.file("history.jsonl").read_text()

@@ -47,15 +47,26 @@ def test_built_in_defaults_beat_a_random_backbone_on_real_digits(tmp_path: Path)
 
     data, runs = tmp_path / "data", tmp_path / "runs"
     write_real(data, "digits", size=32)
-    recipe = override(Recipe(), {"data.datasets": ["real_digits"], "data.image_size": 32,
-                                 "pretrain.epochs": EPOCHS, "pretrain.batch_size": 128})
+    recipe = override(
+        Recipe(),
+        {
+            "data.datasets": ["real_digits"],
+            "data.image_size": 32,
+            "pretrain.epochs": EPOCHS,
+            "pretrain.batch_size": 128,
+        },
+    )
     run = pretrain(recipe, data_dir=data, runs_root=runs)
     assert run.recipe().pretrain.optimizer == "lars" and run.recipe().views.view1.flip_p == 0.0
     assert not run.manifest["metrics"]["rankme_collapsed"]
     n_train = run.manifest["data"]["n_images"]
     fraction = LABELS_PER_CLASS * 10 / n_train
-    ft = {"finetune.inits": ["ssl", "random"], "finetune.modes": ["linear"], "finetune.fractions": [fraction],
-          "finetune.seeds": list(range(DRAWS))}
+    ft = {
+        "finetune.inits": ["ssl", "random"],
+        "finetune.modes": ["linear"],
+        "finetune.fractions": [fraction],
+        "finetune.seeds": list(range(DRAWS)),
+    }
     grid = finetune(ft, from_run=run.path, runs_root=runs, data_dir=data)
     summary = evaluate({}, from_run=grid.path, runs_root=runs, data_dir=data)
     acc = {g["init"]: g["accuracy"]["mean"] for g in summary["groups"]}

@@ -17,8 +17,8 @@ import pytest
 from medssl_cli.cli import main
 from medssl_cli.errors import UserError
 from medssl_cli.io import read_json
-from medssl_cli.preempt import Interrupted
 from medssl_cli.recipe import Recipe, override
+from medssl_cli.runtime.preempt import Interrupted
 from medssl_cli.stages.pretrain import check_recipe
 
 AXIAL = "synthetic_organs_axial"
@@ -216,7 +216,7 @@ def test_knn_k_is_clamped_to_the_bank_and_recorded(
 
 # 7: a stopped finetune grid says what was kept, not "checkpoint written"
 def test_interrupted_message_fits_the_stage(tmp_path: Path) -> None:
-    from medssl_cli.preempt import GRID_KEPT
+    from medssl_cli.runtime.preempt import GRID_KEPT
 
     grid, pre = tmp_path / "grid", tmp_path / "pre"
     text = str(Interrupted(str(grid), signal.SIGINT, 1, GRID_KEPT))
@@ -229,7 +229,7 @@ def test_interrupted_message_fits_the_stage(tmp_path: Path) -> None:
 def test_ctrl_c_in_finetune_prints_the_finetune_message(
     synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medssl_cli.preempt import StopFlag
+    from medssl_cli.runtime.preempt import StopFlag
 
     def ctrl_c_at_once(self: StopFlag) -> bool:
         self.signum = signal.SIGINT

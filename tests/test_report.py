@@ -15,9 +15,8 @@ import pytest
 
 from medssl_cli.errors import UserError
 from medssl_cli.io import write_bytes, write_json, write_yaml
-from medssl_cli.metrics import wilson_interval
-from medssl_cli.report import aggregate
-from medssl_cli.stages.report import report
+from medssl_cli.readout.metrics import wilson_interval
+from medssl_cli.stages.report import aggregate, report
 
 SYN = ["synthetic_organs_axial", "synthetic_organs_coronal"]
 CLASSES = ["heart", "liver", "spleen"]

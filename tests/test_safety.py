@@ -22,11 +22,12 @@ import pytest
 import torch
 import yaml
 
-from medssl_cli import checkpoint, models
+from medssl_cli import models
 from medssl_cli.cli import main
 from medssl_cli.io import read_json, write_json
 from medssl_cli.recipe import Recipe, override
 from medssl_cli.runs import Run
+from medssl_cli.runtime import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "medssl_cli"
@@ -263,10 +264,10 @@ ALLOWED_WRITES = {
     ("medssl_cli/runs.py", "open(a+)"): "RunLock's lock file (flock; no content)",
     ("medssl_cli/runs.py", "*.touch"): "writability probe of the runs root, deleted at once",
     ("medssl_cli/runs.py", "logging.FileHandler"): "the run's log.txt (a log, appended line by line)",
-    ("medssl_cli/stages/grid.py", "open(a+)"): "grid and cell lock files (flock; no content)",
-    ("medssl_cli/stages/grid.py", "*.touch"): "the empty .grid-claim marker",
-    ("medssl_cli/stages/grid.py", "os.open"): "the empty .grid-claim marker (O_EXCL)",
-    ("medssl_cli/features.py", "open(a+)"): "feature cache lock files (flock; no content)",
+    ("medssl_cli/grids.py", "open(a+)"): "grid and cell lock files (flock; no content)",
+    ("medssl_cli/grids.py", "*.touch"): "the empty .grid-claim marker",
+    ("medssl_cli/grids.py", "os.open"): "the empty .grid-claim marker (O_EXCL)",
+    ("medssl_cli/readout/features.py", "open(a+)"): "feature cache lock files (flock; no content)",
     ("medssl_cli/data/mimeta_format.py", "h5py.File(w)"): "_write_hdf5, called through io.write_with",
     ("medssl_cli/data/mimeta_format.py", "np.save"): "into an in-memory buffer, then io.write_bytes",
 }
@@ -366,7 +367,7 @@ def test_tiny_ram_budget_streams_batches_and_trains(synth_root: Path, tmp_path: 
 
 def test_device_budget_decides_what_goes_to_the_device(synth_root: Path) -> None:
     from medssl_cli.data.pool import load_pool
-    from medssl_cli.stages.pretrain import BatchSource
+    from medssl_cli.barlowtwins.feed import BatchSource
 
     pool = load_pool(synth_root, [AXIAL], ["train"], image_size=32, supervised=False)
     meta = torch.device("meta")  # stands in for an accelerator: no memory is used

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medssl_cli import checkpoint
 from medssl_cli.commands.common import build_recipe
 from medssl_cli.runs import Run
+from medssl_cli.runtime import checkpoint
 from medssl_cli.stages import pretrain as stage
 
 ROOT = Path(__file__).resolve().parents[1]

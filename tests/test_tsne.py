@@ -14,9 +14,9 @@ from medssl_cli.data.pool import load_pool
 from medssl_cli.errors import UserError
 from medssl_cli.io import write_json
 from medssl_cli.models import backbone_meta, build_backbone, save_weights
+from medssl_cli.readout import clusters
 from medssl_cli.recipe import Recipe, override
 from medssl_cli.runs import Run, create_run
-from medssl_cli.stages import clusters
 from medssl_cli.stages.tsne import subpool, tsne
 
 PLANES = ["synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal"]

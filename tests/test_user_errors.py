@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from medssl_cli import checkpoint, runs
+from medssl_cli import runs
 from medssl_cli.cli import main
 from medssl_cli.commands.common import csv
 from medssl_cli.data import synth
 from medssl_cli.errors import UserError
 from medssl_cli.recipe import read_recipe_file
+from medssl_cli.runtime import checkpoint
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

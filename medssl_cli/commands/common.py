@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from ..errors import UserError
+from medssl_cli.errors import UserError
 
 RECIPE = typer.Option(None, "--recipe", help="YAML recipe file (defaults < recipe < CLI options).")
 DATA_DIR = typer.Option(
@@ -44,13 +44,13 @@ def csv(text: str | None) -> list[str] | None:
 
 
 def runs_root(value: Path | None) -> Path:
-    from ..runs import default_runs_root
+    from medssl_cli.runs import default_runs_root
 
     return value if value is not None else default_runs_root()
 
 
 def build_recipe(recipe_file: Path | None, overrides: dict[str, Any]) -> Any:
     """Defaults < recipe file < CLI overrides (``None`` = not given)."""
-    from ..recipe import load_recipe, override
+    from medssl_cli.recipe import load_recipe, override
 
     return override(load_recipe(recipe_file), overrides)

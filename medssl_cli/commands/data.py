@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..console import console
+from medssl_cli.console import console
 
 app = typer.Typer(
     help="Inspect MIMeta datasets under a data root, or write synthetic ones.", no_args_is_help=True
@@ -21,7 +21,7 @@ DATA_DIR = typer.Option(
 @app.command("list")
 def list_cmd(data_dir: Path = DATA_DIR) -> None:
     """Datasets and tasks under the data root, with image counts, channels and split sizes."""
-    from ..data.registry import resolve_root, scan
+    from medssl_cli.data.registry import resolve_root, scan
 
     root = resolve_root(data_dir)
     infos = scan(root)
@@ -47,7 +47,7 @@ def info_cmd(
     data_dir: Path = DATA_DIR,
 ) -> None:
     """Tasks, class names, splits and description of one dataset."""
-    from ..data.registry import resolve_names, resolve_root, scan
+    from medssl_cli.data.registry import resolve_names, resolve_root, scan
 
     root = resolve_root(data_dir)
     infos = scan(root)
@@ -79,7 +79,7 @@ def synth_cmd(
     overwrite: bool = typer.Option(False, help="Replace existing synthetic datasets."),
 ) -> None:
     """Write synthetic datasets in the exact MIMeta format (1-channel organs x3 planes, 3-channel crc)."""
-    from ..data.synth import make_synthetic
+    from medssl_cli.data.synth import make_synthetic
 
     ids = make_synthetic(
         out,

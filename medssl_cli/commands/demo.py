@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..console import console
-from . import common
+from medssl_cli.commands import common
+from medssl_cli.console import console
 
 
 def demo(
@@ -24,7 +24,7 @@ def demo(
     ),
 ) -> None:
     """Run the whole pipeline on synthetic MIMeta data (written if absent) and print the report's path."""
-    from ..stages.demo import demo as run_demo
+    from medssl_cli.stages.demo import demo as run_demo
 
     out = run_demo(
         data_dir=data_dir,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..console import console
-from .common import csv
+from medssl_cli.commands.common import csv
+from medssl_cli.console import console
 
 
 def evaluate(
@@ -47,8 +47,8 @@ def evaluate(
 
     --probe knn --from PRETRAIN_RUN writes a new run evaluate-knn-<stamp> (never into the pretrain run).
     """
-    from ..runs import default_runs_root
-    from ..stages.evaluate import evaluate as run_evaluate
+    from medssl_cli.runs import default_runs_root
+    from medssl_cli.stages.evaluate import evaluate as run_evaluate
 
     overrides = {
         "evaluate.split": split,
@@ -60,7 +60,7 @@ def evaluate(
         "compute.device": device,
     }
     if probe == "head" and (datasets is not None or image_size is not None):
-        from ..errors import UserError
+        from medssl_cli.errors import UserError
 
         raise UserError(
             "--datasets/--image-size apply to --probe knn only.", "A grid is evaluated on its own data."

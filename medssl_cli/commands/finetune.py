@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..console import console
-from ..errors import UserError
-from .common import csv
+from medssl_cli.commands.common import csv
+from medssl_cli.console import console
+from medssl_cli.errors import UserError
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
@@ -32,7 +32,7 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 def parse_fractions(text: str | None) -> list[float] | None:
     """'0.005,1%,1' -> [0.005, 0.01, 1.0] (each through ``data.fractions.parse_fraction``)."""
-    from ..data.fractions import parse_fraction
+    from medssl_cli.data.fractions import parse_fraction
 
     items = csv(text)
     return None if items is None else [parse_fraction(t) for t in items]
@@ -92,8 +92,8 @@ def finetune(
 
     Only train (fitting) and val (selection) are loaded; the test split is for `medssl evaluate`.
     """
-    from ..runs import default_runs_root
-    from ..stages.finetune import finetune as run_finetune
+    from medssl_cli.runs import default_runs_root
+    from medssl_cli.stages.finetune import finetune as run_finetune
 
     # Dotted recipe keys; None = not given. The stage applies them with recipe.override, after the
     # pretrain run's recipe and --recipe (precedence: defaults < parent < file < CLI).

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import typer
 
-from ..console import console
-from ..errors import UserError
-from . import common
+from medssl_cli.commands import common
+from medssl_cli.console import console
+from medssl_cli.errors import UserError
 
 
 def pretrain(
@@ -63,7 +63,7 @@ def pretrain(
     data_dir: Path = common.DATA_DIR,
 ) -> None:
     """Barlow Twins pretraining of a ResNet-18 on the official train split(s)."""
-    from ..stages.pretrain import pretrain as run_pretrain
+    from medssl_cli.stages.pretrain import pretrain as run_pretrain
 
     overrides = {
         "data.datasets": common.csv(datasets),
@@ -108,16 +108,15 @@ def _check_resume_options(resume: Path, recipe_file: Path | None, overrides: dic
         given.insert(0, "--recipe")
     if not given:
         return
-    from ..cluster import recipe_changes
-    from ..recipe import load_recipe, override
-    from ..runs import Run
+    from medssl_cli.recipe import diff, load_recipe, override
+    from medssl_cli.runs import Run
 
     prior = Run(resume)
     info = prior.manifest  # no run here: the UserError saying so
     if info.get("stage") != "pretrain" or info.get("status") == "finished":
         return  # the stage's own error ("not a pretrain run", "already finished") says more
     old = prior.recipe()
-    changed = recipe_changes(old, override(load_recipe(recipe_file, base=old), overrides))
+    changed = diff(old, override(load_recipe(recipe_file, base=old), overrides))
     if changed:
         raise UserError(
             f"--resume continues {resume} with its own recipe; {', '.join(given)} would change "

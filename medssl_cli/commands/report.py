@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..console import console
-from . import common
+from medssl_cli.commands import common
+from medssl_cli.console import console
 
 
 def report(
@@ -27,7 +27,7 @@ def report(
     the label-efficiency comparison (mean ± std and 95% CI over seeds, test metrics), the
     accuracy-vs-fraction plot, t-SNE, confusion matrices, provenance, and every missing or failed run.
     """
-    from ..stages.report import report as run_report
+    from medssl_cli.stages.report import report as run_report
 
     target = run_report(runs_root=common.runs_root(runs_root), from_grid=from_grid, out=out, name=name)
     console.print(f"Report: {target / 'report.html'}\n        {target / 'report.md'}", soft_wrap=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..console import console
-from . import common
+from medssl_cli.commands import common
+from medssl_cli.console import console
 
 
 def tsne(
@@ -49,7 +49,7 @@ def tsne(
 
     Writes a new run: plots/tsne.png, coordinates.csv, sample.json, metrics.json.
     """
-    from ..stages.tsne import tsne as run_tsne
+    from medssl_cli.stages.tsne import tsne as run_tsne
 
     overrides = {
         "tsne.split": split,

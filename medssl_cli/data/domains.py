@@ -23,7 +23,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from ..recipe import Recipe, ViewRecipe, ViewsRecipe
+from medssl_cli.recipe import Recipe, ViewRecipe, ViewsRecipe
 
 Geometry = Literal["none", "hflip", "dihedral"]
 ORDER: tuple[Geometry, ...] = ("none", "hflip", "dihedral")  # most restrictive first
@@ -119,7 +119,7 @@ def resolve_recipe_views(recipe: Recipe, data_dir: Path | str | None) -> tuple[R
     keys = ("flip_p", "vflip_p", "rot90_p")
     if all(getattr(view, k) is not None for view in (v.view1, v.view2) for k in keys):
         return recipe, None
-    from .registry import dataset_domains, resolve_root
+    from medssl_cli.data.registry import dataset_domains, resolve_root
 
     domains = dataset_domains(resolve_root(data_dir), recipe.data.datasets)
     views, line = resolve_views(v, domains)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from medssl_cli.errors import UserError
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from medssl_cli.errors import UserError
 
 BLOCK = 1024  # rows per read/resize block: bounds the float32 working memory of a resize
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
-from ..io import writable_dir, write_bytes, write_text, write_with, write_yaml
+from medssl_cli.errors import UserError
+from medssl_cli.io import writable_dir, write_bytes, write_text, write_with, write_yaml
 
 SPLITS = ("train", "val", "test")
 # fmt: off

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
-from .images import ImageArray, open_h5
-from .registry import TaskInfo, dataset_folders, pick_task, resolve_names, scan
-from .splits import SPLITS, check_disjoint, read_split, split_file
+from medssl_cli.data.images import ImageArray, open_h5
+from medssl_cli.data.registry import TaskInfo, dataset_folders, pick_task, resolve_names, scan
+from medssl_cli.data.splits import SPLITS, check_disjoint, read_split, split_file
+from medssl_cli.errors import UserError
+from medssl_cli.recipe import Recipe
 
 FINGERPRINT_VERSION = 2  # 1: rows only; 2: rows + a sample of the pixels
 FINGERPRINT_SAMPLE = 256  # images hashed into Pool.fingerprint: ~13 MB at 224 px RGB, read in well under 1 s
@@ -235,4 +236,19 @@ def load_pool(
         channels=c,
         image_size=image_size,
         conversions=conversions,
+    )
+
+
+def load_split(recipe: Recipe, root: Path, split: str, datasets: list[str] | None = None) -> Pool:
+    """One labelled split of the recipe's datasets (or ``datasets``), as the recipe's data section says."""
+    d = recipe.data
+    return load_pool(
+        root,
+        datasets or d.datasets,
+        [split],
+        task=d.task,
+        image_size=d.image_size,
+        channels=d.channels,
+        supervised=True,
+        ram_budget_gb=d.ram_budget_gb,
     )

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .mimeta_format import SPLITS, TaskSpec, write_mimeta_dataset
+from medssl_cli.data.mimeta_format import SPLITS, TaskSpec, write_mimeta_dataset
+from medssl_cli.errors import UserError
 
 FRACTIONS = {"train": 0.60, "val": 0.15, "test": 0.25}
 _GRAY_PHOTOS = ("brick", "grass", "gravel", "camera", "coins", "moon", "page", "text", "horse", "cell")

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, did_you_mean, short
-from ..io import load_yaml, yaml_error_text
+from medssl_cli.errors import UserError, did_you_mean, short
+from medssl_cli.io import load_yaml, yaml_error_text
 
 ZENODO = "https://zenodo.org/records/7884735"
 ALIASES: dict[str, list[str]] = {
@@ -199,3 +199,10 @@ def dataset_domains(root: Path, names: list[str]) -> dict[str, str]:
     folders = dataset_folders(root)
     infos = {ds: validate_info(folder / "info.yaml") for ds, folder in folders.items()}
     return {ds: str(infos[ds]["domain"]) for ds in resolve_names(names, infos)}
+
+
+def data_root(data_dir: Path | str | None, recorded: str | None) -> Path:
+    """--data-dir, else $MEDSSL_DATA, else the root the parent run recorded (if it exists), else default."""
+    if data_dir is None and not os.environ.get("MEDSSL_DATA") and recorded and Path(recorded).is_dir():
+        return resolve_root(recorded)
+    return resolve_root(data_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from medssl_cli.errors import UserError
 
 SPLITS = ("train", "val", "test")
 _ID = re.compile(r"^(?:.*/)?(-?\d+)(?:\.[A-Za-z0-9]+)?$")  # images/000123.tiff, 000123.tiff, 123

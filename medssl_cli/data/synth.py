@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..errors import UserError
-from ..io import writable_dir
-from . import synth_tools as st
-from .mimeta_format import SPLITS, TaskSpec, write_mimeta_dataset
+from medssl_cli import __version__
+from medssl_cli.data import synth_tools as st
+from medssl_cli.data.mimeta_format import SPLITS, TaskSpec, write_mimeta_dataset
+from medssl_cli.errors import UserError
+from medssl_cli.io import writable_dir
 
 GENERATOR_VERSION = 1
 # fmt: off

@@ -15,9 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from ..data.registry import default_data_root
-from ..errors import UserError
-from ..io import writable_dir, write_bytes, write_text
+from medssl_cli.data.registry import default_data_root
+from medssl_cli.errors import UserError
+from medssl_cli.io import writable_dir, write_bytes, write_text
 
 LOG = logging.getLogger("medssl")
 DEMO_IDS = ("synthetic_organs_axial", "synthetic_organs_coronal", "synthetic_organs_sagittal")
@@ -33,7 +33,7 @@ def demo_recipe_path() -> Path:
 
 def ensure_synthetic(root: Path) -> bool:
     """Write the synthetic datasets under ``root`` unless they are there. Returns True if written."""
-    from ..data.synth import make_synthetic
+    from medssl_cli.data.synth import make_synthetic
 
     present = [ds for ds in DEMO_IDS if (root / ds / "info.yaml").is_file()]
     if len(present) == len(DEMO_IDS):
@@ -80,12 +80,12 @@ def demo(
     """Run the demo pipeline; returns the report directory."""
     import os
 
-    from ..recipe import load_recipe
-    from .evaluate import evaluate
-    from .finetune import finetune
-    from .pretrain import pretrain
-    from .report import report
-    from .tsne import tsne
+    from medssl_cli.recipe import load_recipe
+    from medssl_cli.stages.evaluate import evaluate
+    from medssl_cli.stages.finetune import finetune
+    from medssl_cli.stages.pretrain import pretrain
+    from medssl_cli.stages.report import report
+    from medssl_cli.stages.tsne import tsne
 
     root = Path(data_dir or os.environ.get("MEDSSL_DATA") or default_data_root()).expanduser()
     runs_root = Path(runs_root)

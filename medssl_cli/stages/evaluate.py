@@ -28,21 +28,32 @@ from typing import Any
 
 import torch
 
-from .. import __version__, backbones, compute
-from ..backbones import LoadedBackbone
-from ..data.pool import Pool
-from ..errors import UserError
-from ..features import cached, extract
-from ..io import read_json, write_json
-from ..metrics import compute_metrics, plot_confusion
-from ..models import load_weights
-from ..probes import knn_scores
-from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, attach_log, create_run, detach_log, find_latest, locate, recording, resolve_run
-from . import leakage
-from .finetune import data_root, load_split
-from .grid import finished_cells, grid_lock
-from .summary import write_summary
+from medssl_cli import __version__
+from medssl_cli.data import leakage
+from medssl_cli.data.pool import Pool, load_split
+from medssl_cli.data.registry import data_root
+from medssl_cli.errors import UserError
+from medssl_cli.grids import finished_cells, grid_lock, write_summary
+from medssl_cli.io import read_json, write_json
+from medssl_cli.models import load_weights
+from medssl_cli.readout import backbones
+from medssl_cli.readout.backbones import LoadedBackbone
+from medssl_cli.readout.features import cached, extract
+from medssl_cli.readout.metrics import compute_metrics, plot_confusion
+from medssl_cli.readout.probes import knn_scores
+from medssl_cli.recipe import Recipe, merge, override, read_recipe_file
+from medssl_cli.runs import (
+    Run,
+    attach_log,
+    create_run,
+    detach_log,
+    feature_cache_dir,
+    find_latest,
+    locate,
+    recording,
+    resolve_run,
+)
+from medssl_cli.runtime import compute
 
 LOG = logging.getLogger("medssl")
 
@@ -86,7 +97,7 @@ def evaluate(
         raise UserError(
             f"Unknown probe '{probe}'.", "Use --probe head (finetune runs) or --probe knn (pretrain run)."
         )
-    grid, cells = resolve_target(from_run, Path(runs_root))
+    grid, cells = grid_and_cells(from_run, Path(runs_root))
     recipe = _recipe(grid.recipe(), recipe_file, overrides)
     if recipe.data != grid.recipe().data or recipe.model != grid.recipe().model:
         raise UserError(
@@ -126,7 +137,7 @@ def evaluate(
     return summary
 
 
-def resolve_target(
+def grid_and_cells(
     from_run: str | Path | None, runs_root: Path
 ) -> tuple[Run, list[tuple[dict[str, Any], Run]]]:
     """(grid, [(cell dict, finished cell run)]) for --from GRID_OR_CELL (default: newest finished grid)."""
@@ -212,7 +223,7 @@ class _Evaluator:
     def _features(self, lb: LoadedBackbone, cache: bool) -> torch.Tensor:
         if cache:
             fs = cached(
-                self.grid.path.parent / ".cache" / "features",
+                feature_cache_dir(self.grid.path.parent),
                 lb,
                 self.pool,
                 device=self.device,
@@ -357,7 +368,7 @@ def knn_probe(
         runs_root, "evaluate", recipe, name=f"knn-{name}" if name else "knn", parent=pre, extra=extra
     )
     with recording(run):
-        cache = runs_root / ".cache" / "features"
+        cache = feature_cache_dir(runs_root)
         f_bank = cached(
             cache, lb, bank, device=device, bf16=bf16, channels_last=channels_last, desc="train features"
         )

@@ -39,17 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import backbones, compute
-from ..backbones import LoadedBackbone
-from ..data.images import ImageArray
-from ..data.pool import SPLITS, Pool, load_pool
-from ..errors import UserError
-from ..features import cached
-from ..io import write_json, write_text
-from ..recipe import Recipe, merge, override, read_recipe_file
-from ..runs import Run, create_run, find_latest, recording, resolve_run
-from . import leakage
-from .clusters import (
+from medssl_cli.data import leakage
+from medssl_cli.data.images import ImageArray
+from medssl_cli.data.pool import SPLITS, Pool, load_pool
+from medssl_cli.data.registry import data_root
+from medssl_cli.errors import UserError
+from medssl_cli.io import write_json, write_text
+from medssl_cli.readout import backbones
+from medssl_cli.readout.backbones import LoadedBackbone
+from medssl_cli.readout.clusters import (
     KNN_TEMPERATURE,
     cluster_scores,
     effective_perplexity,
@@ -58,7 +56,10 @@ from .clusters import (
     plot_panels,
     stratified_sample,
 )
-from .finetune import data_root
+from medssl_cli.readout.features import cached
+from medssl_cli.recipe import Recipe, merge, override, read_recipe_file
+from medssl_cli.runs import Run, create_run, feature_cache_dir, find_latest, recording, resolve_run
+from medssl_cli.runtime import compute
 
 LOG = logging.getLogger("medssl")
 TITLES = {"imagenet": "ImageNet", "random": "Random init"}
@@ -240,7 +241,7 @@ def _run(
     results, coords_all = [], []
     for p in panels:
         fs = cached(
-            runs_root / ".cache" / "features", p.lb, pool, device=device, bf16=bf16,
+            feature_cache_dir(runs_root), p.lb, pool, device=device, bf16=bf16,
             channels_last=channels_last, desc=f"{p.id} features",
         )  # fmt: skip
         feats = fs.features.numpy()

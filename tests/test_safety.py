@@ -366,8 +366,8 @@ def test_tiny_ram_budget_streams_batches_and_trains(synth_root: Path, tmp_path: 
 
 
 def test_device_budget_decides_what_goes_to_the_device(synth_root: Path) -> None:
-    from medssl_cli.data.pool import load_pool
     from medssl_cli.barlowtwins.feed import BatchSource
+    from medssl_cli.data.pool import load_pool
 
     pool = load_pool(synth_root, [AXIAL], ["train"], image_size=32, supervised=False)
     meta = torch.device("meta")  # stands in for an accelerator: no memory is used

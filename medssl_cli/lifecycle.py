@@ -18,8 +18,9 @@ import logging
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from medssl_cli.errors import TrainingDiverged, UserError
 from medssl_cli.recipe import Recipe, diff
@@ -98,45 +99,66 @@ def resolve_target(
     return "resume", str(p)
 
 
-def guarded_run(run: Run, d: Dist, body: Callable[[StopFlag], None], requeue_job: bool = False) -> Run:
-    """``body(stop)`` on every rank with the run's bookkeeping: rank 0 holds the run lock and writes the
-    outcome to run.json (``interrupted`` + requeue, or ``failed`` with the error); every rank logs to its
-    own file (log.txt, log.rank<k>.txt). Barriers keep any rank from exiting before rank 0 committed."""
-    handler = attach_log(run, d.rank)
+def outcome(exc: BaseException) -> tuple[str, dict[str, Any]]:
+    """How a run ends on ``exc``, the one rule for every stage: (status, run.json fields saying why).
+
+    A stop request (``Interrupted``: Ctrl-C, SIGTERM, SIGUSR1) and a second Ctrl-C (stop at once) are
+    ``interrupted`` (resumable); anything else is ``failed`` with one error line."""
+    if isinstance(exc, Interrupted):
+        name = signal.Signals(exc.signum).name if exc.signum else None
+        return "interrupted", {"stop_signal": name, "stop_step": exc.step}
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", {"stop_signal": "SIGINT", "stop_note": "Ctrl-C: stopped at once"}
+    if isinstance(exc, TrainingDiverged):
+        return "failed", {"error": "loss diverged (NaN/Inf)"}
+    if isinstance(exc, UserError):
+        return "failed", {"error": exc.line()}
+    return "failed", {"error": f"{type(exc).__name__}: {exc}"}
+
+
+@contextlib.contextmanager
+def logging_to(run: Run, rank: int = 0) -> Iterator[Run]:
+    """The block's log lines also go to the run's log.txt (log.rank<k>.txt on rank k > 0)."""
+    handler = attach_log(run, rank)
     try:
-        with contextlib.ExitStack() as stack:
-            # A second process on a live run is refused before anything is marked (on every rank).
-            distributed.check_all(d, lambda: stack.enter_context(RunLock(run.path)) if d.is_main else None)
-            try:
-                with StopFlag() as stop:
-                    body(stop)
-            except Interrupted as exc:
-                if d.is_main:
-                    name = signal.Signals(exc.signum).name if exc.signum else None
-                    run.set_status("interrupted", stop_signal=name, stop_step=exc.step)
-                    if requeue_job:
-                        run.update(requeue=requeue(d, exc.signum))
-                distributed.barrier(d)  # srun --kill-on-bad-exit must not kill rank 0 mid-commit
-                raise
-            except KeyboardInterrupt:  # a second Ctrl-C stops at once: interrupted, resumable from
-                if d.is_main:  # the last committed checkpoint (not a failure)
-                    run.set_status(
-                        "interrupted", stop_signal="SIGINT", stop_note="second Ctrl-C: stopped at once"
-                    )
-                raise
-            except BaseException as exc:
-                if isinstance(exc, TrainingDiverged):
-                    error = "loss diverged (NaN/Inf)"
-                elif isinstance(exc, UserError):
-                    error = exc.line()
-                else:
-                    error = f"{type(exc).__name__}: {exc}"
-                if d.is_main:
-                    run.set_status("failed", error=error)
-                if d.enabled:
-                    LOG.error(f"rank {d.rank} failed: {error}")
-                raise
+        yield run
     finally:
         detach_log(handler)
+
+
+@contextlib.contextmanager
+def recording(run: Run, rank: int = 0) -> Iterator[Run]:
+    """A single-process run in motion (a grid cell, an evaluate or t-SNE run): its log file, and its
+    status on the way out by ``outcome``."""
+    with logging_to(run, rank):
+        try:
+            yield run
+        except BaseException as exc:
+            status, fields = outcome(exc)
+            run.set_status(status, **fields)
+            raise
+
+
+def guarded_run(run: Run, d: Dist, body: Callable[[StopFlag], None], requeue_job: bool = False) -> Run:
+    """``body(stop)`` on every rank with the run's bookkeeping: rank 0 holds the run lock and writes the
+    outcome to run.json (``outcome``; after a stop, the requeue); every rank logs to its own file
+    (log.txt, log.rank<k>.txt). Barriers keep any rank from exiting before rank 0 committed."""
+    with logging_to(run, d.rank), contextlib.ExitStack() as stack:
+        # A second process on a live run is refused before anything is marked (on every rank).
+        distributed.check_all(d, lambda: stack.enter_context(RunLock(run.path)) if d.is_main else None)
+        try:
+            with StopFlag() as stop:
+                body(stop)
+        except BaseException as exc:
+            status, fields = outcome(exc)
+            if d.is_main:
+                run.set_status(status, **fields)
+                if isinstance(exc, Interrupted) and requeue_job:
+                    run.update(requeue=requeue(d, exc.signum))
+            if isinstance(exc, Interrupted):
+                distributed.barrier(d)  # srun --kill-on-bad-exit must not kill rank 0 mid-commit
+            elif status == "failed" and d.enabled:
+                LOG.error(f"rank {d.rank} failed: {fields['error']}")
+            raise
     distributed.barrier(d)  # rank 0 wrote weights and status before any rank returns
     return run

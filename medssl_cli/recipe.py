@@ -1,7 +1,9 @@
 """Recipes: every setting of every stage, in one typed tree.
 
-Precedence: built-in defaults < parent run's recipe (data/model, for later stages) < ``--recipe FILE``
-< CLI options. A recipe file may set any subset of sections and keys. Unknown keys and wrong value
+Precedence, one rule for every stage (``resolve``): built-in defaults < the sections a later stage
+inherits from its parent run's recipe.yaml (finetune: data, model, views; tsne: data, model; evaluate:
+all of its grid's or pretrain run's) < ``--recipe FILE`` < CLI options. A recipe file may set any
+subset of sections and keys. Unknown keys and wrong value
 types are ``UserError``s that name the key. The fully resolved recipe is saved as ``recipe.yaml`` in
 every run directory, and its hash goes into weights metadata and reports.
 
@@ -319,3 +321,22 @@ def diff(a: Recipe, b: Recipe) -> list[str]:
 
     fa, fb = flat(a.to_dict()), flat(b.to_dict())
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))  # every section of a recipe
+
+
+def resolve(
+    recipe_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    parent: Recipe | None = None,
+    inherit: tuple[str, ...] = (),
+) -> Recipe:
+    """The recipe a stage runs: defaults < ``inherit`` sections of ``parent`` < ``recipe_file`` < CLI
+    ``overrides`` (dotted keys; None = not given). The one precedence rule (module docstring)."""
+    recipe = Recipe()
+    if parent is not None and inherit:
+        recipe = merge(recipe, {key: dataclasses.asdict(getattr(parent, key)) for key in inherit})
+    if recipe_file is not None:
+        recipe = merge(recipe, read_recipe_file(recipe_file))
+    return override(recipe, overrides or {})

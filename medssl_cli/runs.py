@@ -18,7 +18,6 @@ under the runs root) and never writes into it. Every file goes through ``medssl_
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import fcntl
@@ -29,7 +28,6 @@ import shutil
 import socket
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -359,31 +357,6 @@ def attach_log(run: Run, rank: int = 0) -> logging.Handler:
 def detach_log(handler: logging.Handler) -> None:
     LOG.removeHandler(handler)
     handler.close()
-
-
-@contextlib.contextmanager
-def recording(run: Run, rank: int = 0) -> Iterator[Run]:
-    """Log into the run's file while the block runs; an exception marks the run on its way out:
-    ``interrupted`` for a graceful stop or Ctrl-C, ``failed`` (with the error line) for anything else."""
-    from medssl_cli.runtime.preempt import Interrupted
-
-    handler = attach_log(run, rank)
-    try:
-        yield run
-    except Interrupted:
-        run.set_status("interrupted")
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C (or one outside a training loop): a stop, not a failure
-        run.set_status("interrupted", stop_signal="SIGINT", stop_note="stopped at once by Ctrl-C")
-        raise
-    except UserError as exc:
-        run.set_status("failed", error=exc.line())
-        raise
-    except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        detach_log(handler)
 
 
 def locate(recorded: str | Path, near: Path) -> Path:

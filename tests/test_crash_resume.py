@@ -145,6 +145,7 @@ class CheckpointWatcher(threading.Thread):
         self.verified.add(latest.name)
 
 
+@pytest.mark.slow  # starts processes
 def test_pretrain_killed_three_times_equals_uninterrupted(synth_root: Path, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     recipe = tmp_path / "recipe.yaml"
@@ -234,6 +235,7 @@ def _cell_files(cell: Path) -> dict[str, tuple[int, str]]:
     return {str(p.relative_to(cell)): (p.stat().st_mtime_ns, sha(p)) for p in cell.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # starts processes
 def test_finetune_grid_sigkill_resume_runs_only_missing_cells(synth_root: Path, tmp_path: Path) -> None:
     rng = random.Random(SEED + 1)
     recipe = tmp_path / "ft.yaml"
@@ -284,6 +286,7 @@ def read_json_when(path: Path, proc: subprocess.Popen) -> dict:
     return read_json(path)
 
 
+@pytest.mark.slow  # starts processes
 def test_live_run_lock_refuses_a_second_resume_and_sigterm_interrupts(
     synth_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

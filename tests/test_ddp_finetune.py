@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -66,6 +67,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+@pytest.mark.slow  # starts processes
 def test_two_gloo_ranks_full_ft_step_equals_one_process(tmp_path: Path, two_gloo_ranks) -> None:  # noqa: ANN001
     """2 ranks (6 + 5 images, DDP, synchronised BN, loss scaled by W/B) == 1 process on all 11 images,
     float64: loss, backbone and head gradients and BN running statistics to 1e-8."""
@@ -102,6 +104,7 @@ def test_rank_slices_partition_a_batch() -> None:
     assert torch.equal(torch.cat(parts), b) and [len(p) for p in parts] == [4, 4, 3]
 
 
+@pytest.mark.slow  # starts processes
 def test_torchrun_full_grid_two_ranks(synth_root: Path, tmp_path: Path, port: int) -> None:
     """torchrun, 2 CPU ranks: one grid, one set of cell files, world size 2 recorded, per-rank logs; the
     linear cell runs on rank 0 while rank 1 waits."""

@@ -153,6 +153,7 @@ def _cat(d: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return torch.cat([v.double().flatten() for k, v in sorted(d.items()) if k.startswith(prefix)])
 
 
+@pytest.mark.slow  # starts processes
 def test_two_gloo_ranks_equal_one_process_with_the_doubled_batch(tmp_path: Path, two_gloo_ranks) -> None:  # noqa: ANN001
     """2 ranks x 8 images (DDP, synchronised BN, all-reduced loss) == 1 process x 16 images.
 

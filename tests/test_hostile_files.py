@@ -410,7 +410,8 @@ def test_second_ctrl_c_marks_the_run_interrupted_and_it_resumes(
 
 
 def test_ctrl_c_inside_a_recorded_stage_is_interrupted_not_failed(tmp_path: Path) -> None:
-    from medssl_cli.runs import create_run, recording
+    from medssl_cli.lifecycle import recording
+    from medssl_cli.runs import create_run
 
     run = create_run(tmp_path, "evaluate", Recipe(), name="k")
     with pytest.raises(KeyboardInterrupt), recording(run):

@@ -146,6 +146,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # starts processes
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path: Path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT)))

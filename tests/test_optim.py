@@ -1,23 +1,16 @@
-"""LARS, parameter groups, the lr schedule; and compute settings (device, precision, RNG state)."""
+"""barlowtwins.optim: LARS, parameter groups, the warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
-import json
 import math
-import random
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medssl_cli.barlowtwins.optim import LARS, build_optimizer, lr_at, param_groups, set_lr
-from medssl_cli.errors import UserError
 from medssl_cli.models import build_pretrain_net
 from medssl_cli.recipe import PretrainRecipe
-from medssl_cli.runtime import compute
 
 
 def test_lars_on_1d_params_is_sgd_momentum_without_weight_decay():
@@ -136,96 +129,3 @@ def test_set_lr_uses_each_groups_base_lr():
     plain = torch.optim.SGD(_tiny().parameters(), lr=0.5)  # no base_lr recorded: its lr is the base
     set_lr(plain, 0, 10, 2)
     assert plain.param_groups[0]["lr"] == pytest.approx(0.25)
-
-
-# --------------------------------------------------------------------------------------------
-# compute settings
-
-
-def test_resolve_device():
-    assert compute.resolve_device("cpu") == torch.device("cpu")
-    assert compute.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(UserError):
-        compute.resolve_device("tpu")
-    with pytest.raises(UserError):
-        compute.resolve_device("not a device")
-    if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="CUDA is not available"):
-            compute.resolve_device("cuda")
-    with pytest.raises(UserError):
-        compute.resolve_device("cuda:64")
-
-
-def test_precision_and_channels_last_choices():
-    cpu = torch.device("cpu")
-    assert compute.use_bf16(cpu, "fp32") is False
-    assert compute.use_bf16(cpu, "bf16") is True
-    assert compute.use_bf16(cpu, "auto") is compute.cpu_has_native_bf16()
-    with pytest.raises(UserError):
-        compute.use_bf16(cpu, "fp16")
-    assert compute.use_channels_last(cpu, "on") and not compute.use_channels_last(cpu, "off")
-    assert compute.use_channels_last(cpu, "auto", image_size=224)
-    assert not compute.use_channels_last(cpu, "auto", image_size=32)
-    assert compute.use_channels_last(torch.device("cuda"), "auto", image_size=32)
-    with pytest.raises(UserError):
-        compute.use_channels_last(cpu, "maybe")
-
-
-def test_autocast_context():
-    cpu = torch.device("cpu")
-    a, b = torch.randn(4, 4), torch.randn(4, 4)
-    with compute.autocast(cpu, True):
-        assert (a @ b).dtype == torch.bfloat16
-    with compute.autocast(cpu, False):
-        assert (a @ b).dtype == torch.float32
-
-
-def _draws() -> tuple[float, float, list[float]]:
-    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
-
-
-def test_seed_everything_repeats():
-    compute.seed_everything(123)
-    first = _draws()
-    compute.seed_everything(123)
-    assert _draws() == first
-    compute.seed_everything(124)
-    assert _draws() != first
-
-
-def test_rng_state_round_trip_through_json_and_safetensors(tmp_path: Path):
-    compute.seed_everything(7)
-    random.gauss(0, 1)  # leaves a cached gaussian in Python's state
-    np.random.standard_normal()  # and in NumPy's
-    state = compute.rng_state()
-    expected = _draws()
-    # split for a checkpoint: tensors to safetensors, the rest to JSON
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    plain = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    assert tensors["torch"].dtype == torch.uint8
-    save_file(tensors, str(tmp_path / "rng.safetensors"))
-    (tmp_path / "rng.json").write_text(json.dumps(plain))
-    _draws()  # move on
-    restored = {
-        **json.loads((tmp_path / "rng.json").read_text()),
-        **load_file(str(tmp_path / "rng.safetensors")),
-    }
-    compute.set_rng_state(restored)
-    assert _draws() == expected
-    # a fully JSON state (torch state as a list of ints) works too
-    compute.set_rng_state({**plain, "torch": state["torch"].tolist()})
-    assert _draws() == expected
-
-
-def test_describe_and_threads():
-    text = compute.describe_device(torch.device("cpu"))
-    assert text.startswith("cpu (") and "threads" in text and "bf16" in text
-    before = torch.get_num_threads()
-    try:
-        assert compute.configure_threads(0) == before
-        assert compute.configure_threads(1) == 1
-    finally:
-        torch.set_num_threads(before)
-    with pytest.raises(UserError):
-        compute.configure_threads(-1)
-    assert compute.cpu_count() >= 1

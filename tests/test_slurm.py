@@ -80,6 +80,7 @@ def test_scripts_parse_and_ask_for_the_warning_signal_and_requeue() -> None:
         assert "srun --kill-on-bad-exit=1" in text, name
 
 
+@pytest.mark.slow  # starts processes
 def test_pretrain_scripts_then_grid_script_in_a_faked_job(job: dict[str, str], tmp_path: Path) -> None:
     _run(["bash", str(SLURM / "pretrain.sbatch")], job, tmp_path)
     run = Run(tmp_path / "runs" / "pretrain-4242")
@@ -108,6 +109,7 @@ def test_pretrain_scripts_then_grid_script_in_a_faked_job(job: dict[str, str], t
     assert not (tmp_path / "scontrol.calls").exists()  # nothing failed: no requeue
 
 
+@pytest.mark.slow  # starts processes
 def test_sigusr1_checkpoints_requeues_and_the_same_command_resumes(
     job: dict[str, str], tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from medssl_cli import runs
+from medssl_cli import lifecycle, runs
 from medssl_cli.cli import main
 from medssl_cli.commands.common import csv
 from medssl_cli.data import synth
@@ -209,7 +209,7 @@ def test_attach_log_run_dir_not_writable(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(UserError, match=r"not writable \(.*Read-only file system\)"):
         runs.attach_log(run, rank=1)
     before = (run.path / "run.json").read_text()
-    with pytest.raises(UserError, match="not writable"), runs.recording(run):
+    with pytest.raises(UserError, match="not writable"), lifecycle.recording(run):
         pass
     assert (run.path / "run.json").read_text() == before  # nothing marked
     assert runs.LOG.handlers == handlers  # no handler left attached

@@ -50,7 +50,7 @@ def runs_root(value: Path | None) -> Path:
 
 
 def build_recipe(recipe_file: Path | None, overrides: dict[str, Any]) -> Any:
-    """Defaults < recipe file < CLI overrides (``None`` = not given)."""
-    from medssl_cli.recipe import load_recipe, override
+    """Defaults < recipe file < CLI overrides (``None`` = not given): ``recipe.resolve`` without a parent."""
+    from medssl_cli.recipe import resolve
 
-    return override(load_recipe(recipe_file), overrides)
+    return resolve(recipe_file, overrides)

@@ -35,22 +35,20 @@ from medssl_cli.data.registry import data_root
 from medssl_cli.errors import UserError
 from medssl_cli.grids import finished_cells, grid_lock, write_summary
 from medssl_cli.io import read_json, write_json
+from medssl_cli.lifecycle import logging_to, recording
 from medssl_cli.models import load_weights
 from medssl_cli.readout import backbones
 from medssl_cli.readout.backbones import LoadedBackbone
 from medssl_cli.readout.features import cached, extract
 from medssl_cli.readout.metrics import compute_metrics, plot_confusion
 from medssl_cli.readout.probes import knn_scores
-from medssl_cli.recipe import Recipe, merge, override, read_recipe_file
+from medssl_cli.recipe import SECTIONS, Recipe, resolve
 from medssl_cli.runs import (
     Run,
-    attach_log,
     create_run,
-    detach_log,
     feature_cache_dir,
     find_latest,
     locate,
-    recording,
     resolve_run,
 )
 from medssl_cli.runtime import compute
@@ -59,8 +57,8 @@ LOG = logging.getLogger("medssl")
 
 
 def _recipe(base: Recipe, recipe_file: Path | None, overrides: dict[str, Any]) -> Recipe:
-    file = read_recipe_file(recipe_file) if recipe_file is not None else {}
-    return override(merge(base, file), overrides)
+    """Every section of the evaluated run's recipe < recipe file < CLI (``recipe.resolve``)."""
+    return resolve(recipe_file, overrides, base, SECTIONS)
 
 
 def _device(recipe: Recipe, size: int) -> tuple[torch.device, bool, bool]:
@@ -122,8 +120,7 @@ def evaluate(
     )
     no_leak = leakage.check(None, {}, root, True, what)
     device, bf16, channels_last = _device(recipe, pool.image_size)
-    handler = attach_log(grid)
-    try:
+    with logging_to(grid):
         LOG.info(f"Evaluating {len(cells)} cell(s) of {grid.path.name} on {what} ({len(pool)} images)")
         if leak.get("override"):
             LOG.warning(f"Leakage override: {leak['overlaps']}")
@@ -132,8 +129,6 @@ def evaluate(
             _evaluate_cell(ev, c, run, split, leak if c["init"] == "ssl" else no_leak)
         summary = write_summary(grid, split)
         _log_groups(summary, split)
-    finally:
-        detach_log(handler)
     return summary
 
 

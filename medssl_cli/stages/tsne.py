@@ -45,6 +45,7 @@ from medssl_cli.data.pool import SPLITS, Pool, load_pool
 from medssl_cli.data.registry import data_root
 from medssl_cli.errors import UserError
 from medssl_cli.io import write_json, write_text
+from medssl_cli.lifecycle import recording
 from medssl_cli.readout import backbones
 from medssl_cli.readout.backbones import LoadedBackbone
 from medssl_cli.readout.clusters import (
@@ -57,8 +58,8 @@ from medssl_cli.readout.clusters import (
     stratified_sample,
 )
 from medssl_cli.readout.features import cached
-from medssl_cli.recipe import Recipe, merge, override, read_recipe_file
-from medssl_cli.runs import Run, create_run, feature_cache_dir, find_latest, recording, resolve_run
+from medssl_cli.recipe import Recipe, read_recipe_file, resolve
+from medssl_cli.runs import Run, create_run, feature_cache_dir, find_latest, resolve_run
 from medssl_cli.runtime import compute
 
 LOG = logging.getLogger("medssl")
@@ -106,16 +107,16 @@ def subpool(pool: Pool, idx: np.ndarray) -> Pool:
 def resolve_recipe(recipe_file: Path | None, overrides: dict[str, Any], first: Run | None) -> Recipe:
     """defaults < first pretrain run's recipe (data, model) < recipe file < CLI options."""
     file = read_recipe_file(recipe_file) if recipe_file is not None else {}
-    recipe = Recipe()
-    if first is not None:
-        pr = first.recipe()
-        recipe = merge(recipe, {"data": dataclasses.asdict(pr.data), "model": dataclasses.asdict(pr.model)})
-    elif "datasets" not in (file.get("data") or {}) and overrides.get("data.datasets") is None:
+    if (
+        first is None
+        and "datasets" not in (file.get("data") or {})
+        and overrides.get("data.datasets") is None
+    ):
         raise UserError(
             "No datasets: without a pretrain run (--init imagenet/random only) --datasets is required.",
             "Pass e.g. --datasets axial, or --from a pretrain run.",
         )
-    recipe = override(merge(recipe, file), overrides)
+    recipe = resolve(recipe_file, overrides, first.recipe() if first is not None else None, ("data", "model"))
     t = recipe.tsne
     if t.max_samples < 3:
         raise UserError(f"tsne.max_samples must be at least 3, got {t.max_samples}.")

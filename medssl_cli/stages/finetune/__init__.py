@@ -27,12 +27,12 @@ only *val* for every choice (C, early stopping); the test split is never loaded 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+from medssl_cli import lifecycle
 from medssl_cli.barlowtwins.views import flip_warning
 from medssl_cli.data.domains import resolve_recipe_views
 from medssl_cli.data.fractions import parse_fraction
@@ -49,10 +49,10 @@ from medssl_cli.grids import (
 )
 from medssl_cli.models import FEATURE_DIM
 from medssl_cli.readout import backbones
-from medssl_cli.recipe import Recipe, diff, merge, override, read_recipe_file
-from medssl_cli.runs import Run, attach_log, check_name, create_run, detach_log, locate, resolve_run
+from medssl_cli.recipe import Recipe, diff, merge, override, read_recipe_file, resolve
+from medssl_cli.runs import Run, check_name, create_run, locate, resolve_run
 from medssl_cli.runtime import compute, distributed, launch
-from medssl_cli.runtime.preempt import Interrupted, StopFlag
+from medssl_cli.runtime.preempt import StopFlag
 from medssl_cli.stages.finetune.cell import run_cell
 from medssl_cli.stages.finetune.context import Context
 
@@ -72,18 +72,18 @@ def resolve_recipe(
     parent = None
     if "ssl" in inits or from_run is not None:
         parent = resolve_run(from_run, runs_root, "pretrain")
-    recipe = Recipe()
-    if parent is not None:
-        pr = parent.recipe()
-        # views: full fine-tuning flips and rotates as the parent's view1 (none for the organ planes)
-        inherited = {key: dataclasses.asdict(getattr(pr, key)) for key in ("data", "model", "views")}
-        recipe = merge(recipe, inherited)
-    elif "datasets" not in (file.get("data") or {}) and overrides.get("data.datasets") is None:
+    if (
+        parent is None
+        and "datasets" not in (file.get("data") or {})
+        and overrides.get("data.datasets") is None
+    ):
         raise UserError(
             "No datasets: without a pretrain run (--init imagenet/random only) --datasets is required.",
             "Pass e.g. --datasets axial, or set data.datasets in --recipe.",
         )
-    return override(merge(recipe, file), overrides), parent
+    # views: full fine-tuning flips and rotates as the parent's view1 (none for the organ planes)
+    pr = parent.recipe() if parent is not None else None
+    return resolve(recipe_file, overrides, pr, ("data", "model", "views")), parent
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -280,10 +280,9 @@ def _run_grid(
     device = distributed.rank_device(dist, compute.resolve_device(c.device))
     bf16 = compute.use_bf16(device, c.precision)
     channels_last = compute.use_channels_last(device, c.channels_last, train.image_size)
-    handler = attach_log(grid, dist.rank)
     k = train.num_classes
     try:
-        with StopFlag() as stop:
+        with lifecycle.logging_to(grid, dist.rank), StopFlag() as stop:
             ctx = Context(
                 recipe, grid, parent, train, val, device, bf16, channels_last, stop, len(cells), dist=dist
             )
@@ -310,16 +309,10 @@ def _run_grid(
             t0 = time.perf_counter()
             ran = [c.name for c in todo if run_cell(ctx, c) == "ran"]
             elapsed = time.perf_counter() - t0
-    except (Interrupted, KeyboardInterrupt):
-        if dist.is_main:
-            refresh_status(grid, cells, failed="interrupted")
+    except BaseException as exc:
+        if dist.is_main:  # the grid's status from its cells; unfinished ones as the stop or failure says
+            refresh_status(grid, cells, failed=lifecycle.outcome(exc)[0])
         raise
-    except BaseException:
-        if dist.is_main:
-            refresh_status(grid, cells, failed="failed")
-        raise
-    finally:
-        detach_log(handler)
     if not dist.is_main:
         return grid
     timings = _timings(ctx.timings, elapsed, len(ran))

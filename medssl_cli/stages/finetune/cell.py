@@ -28,10 +28,11 @@ from medssl_cli.data.fractions import stratified_subset
 from medssl_cli.data.pool import Pool
 from medssl_cli.grids import Cell, cell_path, cell_status, release, try_cell_lock
 from medssl_cli.io import write_json, write_text
+from medssl_cli.lifecycle import logging_to, recording
 from medssl_cli.models import FEATURE_DIM, save_weights
 from medssl_cli.readout.metrics import compute_metrics
 from medssl_cli.readout.probes import fit_lbfgs, fit_sgd
-from medssl_cli.runs import Run, attach_log, create_run, detach_log, recording
+from medssl_cli.runs import Run, create_run
 from medssl_cli.runtime import distributed
 from medssl_cli.runtime.preempt import GRID_KEPT, Interrupted
 from medssl_cli.stages.finetune import full_ft
@@ -65,12 +66,9 @@ def _run_cell_ddp(ctx: Context, cell: Cell) -> str:
         return str(outcome)
     if cell.mode == "full":
         run = Run(cell_path(ctx.grid.path, cell))
-        handler = attach_log(run, d.rank)
-        try:
+        with logging_to(run, d.rank):
             sub = stratified_subset(ctx.train.labels, cell.fraction, cell.seed, ctx.train.num_classes)
             full_ft.train_cell(ctx, cell, run, sub.indices)
-        finally:
-            detach_log(handler)
     distributed.barrier(d)  # rank 0 writes the cell's results (a linear cell: all of its work)
     return "ran"
 

@@ -107,7 +107,8 @@ class PretrainRecipe:
 @dataclass
 class FinetuneRecipe:
     inits: list[Literal["ssl", "imagenet", "random"]] = field(default_factory=lambda: ["ssl"])
-    modes: list[Literal["linear", "full"]] = field(default_factory=lambda: ["linear"])
+    # linear: frozen backbone + linear head; full: end to end; knn: weighted kNN on frozen features
+    modes: list[Literal["linear", "full", "knn"]] = field(default_factory=lambda: ["linear"])
     fractions: list[float] = field(default_factory=lambda: [1.0])
     seeds: list[int] = field(default_factory=lambda: [0])
     head: Literal["lbfgs", "sgd"] = "lbfgs"  # linear mode: L-BFGS logistic regression or trained head
@@ -118,6 +119,12 @@ class FinetuneRecipe:
     lr_backbone: float = 0.001
     weight_decay: float = 1e-4
     patience: int = 10  # early stopping on val, epochs
+    # Val images a cell may use to choose C / stop early: "matched" = as many as its labelled train
+    # images (stratified, >= 1 per class, nested, per seed); "full" = the whole val split (optimistic:
+    # a low-label user has no such val set); or a number. With fewer than 2 per class, C is chosen by
+    # stratified k-fold cross-validation on the labelled images themselves (k <= 5), or fixed at 1 when
+    # a class has a single labelled image; full fine-tuning then stops early on what val there is.
+    val_budget: int | Literal["matched", "full"] = "matched"
 
 
 @dataclass

@@ -30,6 +30,12 @@ def parse_seeds(text: str | None) -> list[int] | None:
     return out
 
 
+def parse_val_budget(text: str) -> str | int:
+    from medssl_cli.data.fractions import parse_val_budget as parse
+
+    return parse(text)
+
+
 def parse_fractions(text: str | None) -> list[float] | None:
     """'0.005,1%,1' -> [0.005, 0.01, 1.0] (each through ``data.fractions.parse_fraction``)."""
     from medssl_cli.data.fractions import parse_fraction
@@ -46,7 +52,13 @@ def finetune(
         None, "--init", help="Initialisations, comma-separated: ssl,imagenet,random."
     ),
     mode: str | None = typer.Option(
-        None, "--mode", help="linear (frozen backbone) and/or full: linear,full."
+        None, "--mode", help="linear (frozen backbone), full (end to end), knn: e.g. linear,full,knn."
+    ),
+    val_budget: str | None = typer.Option(
+        None,
+        "--val-budget",
+        help="Val images for choosing C / early stopping: matched (default: as many as the labelled "
+        "train images), full (optimistic), or a number.",
     ),
     fraction: str | None = typer.Option(
         None, "--fraction", help="Label fractions, e.g. 0.005,0.01,0.1,1 or 0.5%."
@@ -107,6 +119,7 @@ def finetune(
         "finetune.batch_size": batch_size,
         "finetune.lr_head": lr_head,
         "finetune.lr_backbone": lr_backbone,
+        "finetune.val_budget": None if val_budget is None else parse_val_budget(val_budget),
         "data.datasets": csv(datasets),
         "data.task": task,
         "data.image_size": image_size,

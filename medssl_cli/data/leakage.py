@@ -29,6 +29,14 @@ def _group(ds: str) -> str | None:
     return next((p for p in PLANE_GROUPS if ds.startswith(p)), None)
 
 
+def item_id(ds: str, row: int) -> str:
+    """The subject-level item an image shows, where the dataset has one: the three organ planes hold
+    the same (CT volume, organ) items in the same rows, so row r of every plane is item
+    ``organs_/r``; "" for other datasets (MIMeta records no subject ids)."""
+    group = _group(ds)
+    return f"{group}/{row}" if group else ""
+
+
 def _declared_overlaps(root: Path, ds: str) -> list[str]:
     try:
         info = yaml.safe_load((Path(root) / ds / "info.yaml").read_text(encoding="utf-8")) or {}

@@ -283,3 +283,50 @@ def knn_predict(
         train_feats, train_labels, query_feats, k=k, num_classes=num_classes, weighted=weighted
     )
     return scores.argmax(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing C without a val set: stratified k-fold cross-validation on the labelled images
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold number (0..folds-1) of every image: each class's images, in a seeded order, dealt round
+    robin, so every fold holds about 1/folds of every class (each class needs >= folds images)."""
+    labels = np.asarray(labels)
+    out = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.nonzero(labels == c)[0]
+        order = np.random.default_rng([seed, 104729, int(c)]).permutation(len(members))
+        out[members[order]] = np.arange(len(members)) % folds
+    return out
+
+
+def choose_c_cv(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    c_grid: Sequence[float],
+    folds: int,
+    seed: int,
+    *,
+    reference: torch.Tensor | None = None,
+) -> tuple[float, list[dict[str, Any]]]:
+    """The C of ``c_grid`` with the best mean held-out accuracy (ties: lower mean loss, then the smaller
+    C) over ``folds`` stratified folds of the labelled images; and the per-C means."""
+    fold = stratified_folds(y.numpy(), folds, seed)
+    scores: dict[float, list[tuple[float, float]]] = {float(c): [] for c in c_grid}
+    for f in range(folds):
+        tr, va = torch.from_numpy(fold != f), torch.from_numpy(fold == f)
+        fit = fit_lbfgs(x[tr], y[tr], x[va], y[va], num_classes, c_grid, reference=reference, patience=None)
+        for h in fit.history:
+            scores[float(h["C"])].append((h["val_accuracy"], h["val_loss"]))
+    table = [
+        {
+            "C": c,
+            "cv_accuracy": float(np.mean([a for a, _ in s])),
+            "cv_loss": float(np.mean([v for _, v in s])),
+        }
+        for c, s in sorted(scores.items())
+    ]
+    best = max(table, key=lambda r: (r["cv_accuracy"], -r["cv_loss"], -r["C"]))
+    return best["C"], table

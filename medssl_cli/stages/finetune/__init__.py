@@ -2,10 +2,14 @@
 
 Protocol: only the official *train* split is used for fitting (a stratified label subset of it) and
 only *val* for every choice (C, early stopping); the test split is never loaded here (``evaluate``).
+How much val a cell may use is ``finetune.val_budget``: ``matched`` (default) = as many val images as
+labelled train images (``data.fractions.val_budget``: stratified, nested, per seed), since a low-label
+user has no large val set; ``full`` = all of val (optimistic); or a number. With fewer than 2 val
+images per class C is chosen by cross-validation on the labelled images (``cell._select_lbfgs``).
 
-- Recipe precedence: defaults < the pretrain run's recipe (data and model sections) < ``--recipe``
-  < CLI options. A pretrain run is needed for ``init: ssl`` (``--from``, else the newest finished one);
-  with only ImageNet/random inits ``data.datasets`` must be given.
+- Recipe precedence (``recipe.resolve``): defaults < the pretrain run's recipe (data, model, views)
+  < ``--recipe`` < CLI options. A pretrain run is needed for ``init: ssl`` (``--from``, else the
+  newest finished one); with only ImageNet/random inits ``data.datasets`` must be given.
 - Subsets: ``data.fractions.stratified_subset`` per (fraction, seed): nested across fractions for a
   seed, at least one image per class (logged when this floor raised the count), recorded in the cell's
   ``subset_indices.json`` (pool index, dataset id, row, label).
@@ -15,6 +19,8 @@ only *val* for every choice (C, early stopping); the test split is never loaded 
   The random-init backbone is one per grid (drawn with ``compute.seed``; saved under
   ``<grid>/backbones/``), so the seeds vary the label subset and the head, not the random features.
 - Full mode: ``full_ft.train_cell`` (end-to-end, augmentation, AdamW, early stopping on val).
+- kNN mode: weighted kNN on L2-normalised frozen features, the labelled subset as the bank, k =
+  ``evaluate.knn_k`` cut to the labelled count; nothing is chosen on val.
 - Outputs per cell: run.json (init, mode, fraction, seed, subset size per class, backbone, head),
   ``subset_indices.json``, ``weights/*.safetensors``, ``history.jsonl``, ``metrics.json`` with val
   METRICS. The grid's ``metrics.json`` holds a val summary; ``evaluate`` adds the test split.
@@ -35,7 +41,7 @@ from typing import Any
 from medssl_cli import lifecycle
 from medssl_cli.barlowtwins.views import flip_warning
 from medssl_cli.data.domains import resolve_recipe_views
-from medssl_cli.data.fractions import parse_fraction
+from medssl_cli.data.fractions import parse_fraction, parse_val_budget
 from medssl_cli.data.pool import Pool, load_split
 from medssl_cli.data.registry import data_root
 from medssl_cli.errors import UserError
@@ -106,6 +112,10 @@ def check_recipe(recipe: Recipe) -> None:
             raise UserError(f"Recipe key 'finetune.{key}' must be > 0, got {getattr(ft, key)}.")
     if any(not c > 0 for c in ft.c_grid) or not ft.c_grid:
         raise UserError(f"finetune.c_grid must be positive numbers, got {ft.c_grid}.")
+    parse_val_budget(ft.val_budget)
+    if "knn" in ft.modes and recipe.evaluate.knn_k < 1:
+        k = recipe.evaluate.knn_k
+        raise UserError(f"Recipe key 'evaluate.knn_k' (neighbours of the knn mode) must be >= 1, got {k}.")
 
 
 # --------------------------------------------------------------------------------------------

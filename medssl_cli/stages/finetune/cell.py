@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from medssl_cli.data.fractions import stratified_subset
+from medssl_cli.data.fractions import ValBudget, stratified_subset, val_budget
 from medssl_cli.data.pool import Pool
 from medssl_cli.grids import Cell, cell_path, cell_status, release, try_cell_lock
 from medssl_cli.io import write_json, write_text
 from medssl_cli.lifecycle import logging_to, recording
 from medssl_cli.models import FEATURE_DIM, save_weights
 from medssl_cli.readout.metrics import compute_metrics
-from medssl_cli.readout.probes import fit_lbfgs, fit_sgd
+from medssl_cli.readout.probes import LinearFit, choose_c_cv, fit_lbfgs, fit_sgd, knn_scores
 from medssl_cli.runs import Run, create_run
 from medssl_cli.runtime import distributed
 from medssl_cli.runtime.preempt import GRID_KEPT, Interrupted
@@ -39,6 +39,9 @@ from medssl_cli.stages.finetune import full_ft
 from medssl_cli.stages.finetune.context import Context
 
 LOG = logging.getLogger("medssl")
+CV_FOLDS = 5  # at most: fewer when the smallest class has fewer labelled images
+FIXED_C = 1.0  # sklearn's default, when nothing can rank C
+KNN_VOTE = "weighted exp(cos/0.07)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +71,7 @@ def _run_cell_ddp(ctx: Context, cell: Cell) -> str:
         run = Run(cell_path(ctx.grid.path, cell))
         with logging_to(run, d.rank):
             sub = stratified_subset(ctx.train.labels, cell.fraction, cell.seed, ctx.train.num_classes)
-            full_ft.train_cell(ctx, cell, run, sub.indices)
+            full_ft.train_cell(ctx, cell, run, sub.indices, _budget(ctx, cell, len(sub.indices)).indices)
     distributed.barrier(d)  # rank 0 writes the cell's results (a linear cell: all of its work)
     return "ran"
 
@@ -134,14 +137,29 @@ def _cell_body(ctx: Context, cell: Cell, run: Run) -> None:
     run.update(
         subset=subset, data={"root": str(train.root), "train": train.provenance(), "val": val.provenance()}
     )
+    vb = _budget(ctx, cell, len(idx))
     if cell.mode == "linear":
-        proba, info = _linear(ctx, cell, run, idx)
+        proba, info = _linear(ctx, cell, run, idx, vb)
+    elif cell.mode == "knn":
+        proba, info = _knn(ctx, cell, idx, vb)
     else:
-        proba, info = full_ft.train_cell(ctx, cell, run, idx)
-    y_val = val.labels
+        proba, info = full_ft.train_cell(ctx, cell, run, idx, vb.indices)
+    y_val = val.labels if vb.indices is None else val.labels[vb.indices]
     metrics = compute_metrics(
         y_val, proba.argmax(1).numpy(), proba.numpy(), names, ci=ctx.recipe.evaluate.ci, seed=cell.seed
     )
+    info["val_budget"] = {
+        "budget": vb.budget,
+        "n_val": vb.n,
+        "per_class": {names[c]: n for c, n in vb.per_class.items()},
+        "optimistic": vb.optimistic,
+        "selection": info.pop("selection"),
+    }
+    if not vb.enough and cell.mode == "full":
+        LOG.warning(
+            f"cell {cell.name}: {vb.n} val images ({min(vb.per_class.values())} in the smallest class) to "
+            "stop early on: too few to rank epochs reliably (the budget says so in metrics.json)"
+        )
     summary = {**cell.as_dict(), "n_train": len(idx), **info}
     write_json(run.file("metrics.json"), {"cell": summary, "val": metrics, "leakage_override": False})
     run.set_status("finished", time_s=time.perf_counter() - t0, val_accuracy=metrics["accuracy"], **info)
@@ -170,20 +188,74 @@ def _write_subset(run: Run, train: Pool, idx: np.ndarray, cell: Cell) -> None:
     write_text(run.file("subset_indices.json"), "{\n" + body + "\n}\n")
 
 
-def _linear(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
+def _budget(ctx: Context, cell: Cell, n_labelled: int) -> ValBudget:
+    """The val images this cell may use (``finetune.val_budget``), drawn per seed."""
+    val = ctx.val
+    return val_budget(val.labels, ctx.recipe.finetune.val_budget, n_labelled, cell.seed, val.num_classes)
+
+
+def _select_lbfgs(
+    ctx: Context,
+    cell: Cell,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    vb: ValBudget,
+    reference: torch.Tensor,
+) -> tuple[LinearFit, dict[str, Any]]:
+    """Fit the L-BFGS head, C chosen on the budget's val images when they allow it (>= 2 per class),
+    else by stratified k-fold cross-validation on the labelled images (k = min(5, smallest class)),
+    else (a class with one labelled image) at C = 1."""
+    ft, k = ctx.recipe.finetune, ctx.train.num_classes
+    if vb.enough or vb.optimistic:  # "full" chooses on the whole val split, however small (as before)
+        fit = fit_lbfgs(x, y, xv, yv, k, ft.c_grid, reference=reference)
+        return fit, {"method": "val", "n_val": vb.n}
+    folds = min(CV_FOLDS, int(np.bincount(y.numpy(), minlength=k).min()))
+    if folds >= 2:
+        c, table = choose_c_cv(x, y, k, ft.c_grid, folds, cell.seed, reference=reference)
+        fit = fit_lbfgs(x, y, xv, yv, k, [c], reference=reference)
+        why = f"{folds}-fold cross-validation on the {len(y)} labelled images (val budget below 2 per class)"
+        return fit, {"method": "cv", "folds": folds, "C": c, "why": why, "cv": table}
+    fit = fit_lbfgs(x, y, xv, yv, k, [FIXED_C], reference=reference)
+    why = "a class has one labelled image: no val set or fold can rank C"
+    return fit, {"method": "fixed", "C": FIXED_C, "why": why}
+
+
+def _knn(ctx: Context, cell: Cell, idx: np.ndarray, vb: ValBudget) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Weighted kNN on L2-normalised frozen features (``probes.knn_scores``), k cut to the labelled
+    count: nothing is fitted or chosen on val."""
+    lb = ctx.backbone(cell.init)
+    f_train, f_val = ctx.features(cell.init)
+    if vb.indices is not None:
+        f_val = f_val[torch.from_numpy(vb.indices)]
+    k = min(ctx.recipe.evaluate.knn_k, len(idx))
+    labels = torch.from_numpy(ctx.train.labels[idx])
+    proba = knn_scores(f_train[torch.from_numpy(idx)], labels, f_val, k=k, num_classes=ctx.train.num_classes)
+    knn = {"k": k, "k_requested": ctx.recipe.evaluate.knn_k, "vote": KNN_VOTE, "bank": "the labelled subset"}
+    selection = {"method": "none", "why": "kNN has no setting chosen on val"}
+    return proba, {"knn": knn, "backbone": lb.info, "selection": selection}
+
+
+def _linear(
+    ctx: Context, cell: Cell, run: Run, idx: np.ndarray, vb: ValBudget
+) -> tuple[torch.Tensor, dict[str, Any]]:
     ft, train, val = ctx.recipe.finetune, ctx.train, ctx.val
     lb = ctx.backbone(cell.init)
     f_train, f_val = ctx.features(cell.init)
     y_train, y_val = torch.from_numpy(train.labels), torch.from_numpy(val.labels)
+    if vb.indices is not None:
+        sel = torch.from_numpy(vb.indices)
+        f_val, y_val = f_val[sel], y_val[sel]
     k = train.num_classes
     t0 = time.perf_counter()
-    key = (cell.init, idx.tobytes())
+    key = (cell.init, idx.tobytes(), b"full" if vb.indices is None else vb.indices.tobytes())
     if ft.head == "lbfgs":
-        # Deterministic: the same subset (e.g. fraction 1 for every seed) gives the same fit, so reuse it.
-        fit = ctx.fits.get(key) or fit_lbfgs(
-            f_train[idx], y_train[idx], f_val, y_val, k, ft.c_grid, reference=f_train
+        # Deterministic: the same subsets (e.g. fraction 1 for every seed) give the same fit: reuse it.
+        fit, selection = ctx.fits.get(key) or _select_lbfgs(
+            ctx, cell, f_train[idx], y_train[idx], f_val, y_val, vb, f_train
         )
-        ctx.fits[key] = fit
+        ctx.fits[key] = (fit, selection)
     else:
         fit = fit_sgd(
             f_train[idx],
@@ -199,6 +271,7 @@ def _linear(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.
             seed=cell.seed,
             reference=f_train,
         )
+        selection = {"method": "val", "n_val": vb.n, "below_2_per_class": not vb.enough}
     fit_s = time.perf_counter() - t0
     ctx.timings["linear_fit_s"] += fit_s
     ctx.timings["linear_fits"] += 1
@@ -216,4 +289,4 @@ def _linear(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.
     }
     save_weights(run.file("weights", "head.safetensors"), fit.state_dict(), meta)
     info = {"head": ft.head, "chosen": fit.chosen, "params": params, "fit_s": fit_s, "backbone": lb.info}
-    return fit.proba(f_val), info
+    return fit.proba(f_val), {**info, "selection": selection}

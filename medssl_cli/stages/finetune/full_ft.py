@@ -100,11 +100,16 @@ def train_step(
     return ce.detach()
 
 
-def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Fine-tune a copy of the cell's initial backbone; returns (best-epoch val probabilities, info).
+def train_cell(
+    ctx: Context, cell: Cell, run: Run, idx: np.ndarray, val_idx: np.ndarray | None = None
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Fine-tune a copy of the cell's initial backbone; returns (best-epoch probabilities on the val
+    images ``val_idx`` (None: all) used for early stopping, info).
 
     Under DDP every rank calls this; only rank 0's result is meaningful (others return None, {})."""
     ft, device, train, val, d = ctx.recipe.finetune, ctx.device, ctx.train, ctx.val, ctx.dist
+    val_images = val.images if val_idx is None else val.images[val_idx]
+    val_labels = val.labels if val_idx is None else val.labels[val_idx]
     v1 = ctx.recipe.views.view1  # the datasets' geometry (data/domains.py), as in pretraining
     ft_view = dataclasses.replace(FT_VIEW, flip_p=v1.flip_p or 0.0, vflip_p=v1.vflip_p, rot90_p=v1.rot90_p)
     lb = ctx.backbone(cell.init)
@@ -175,7 +180,7 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
                 nonlocal best, stale
                 feats = extract(
                     backbone,
-                    val.images,
+                    val_images,
                     (lb.mean, lb.std),
                     device=device,
                     bf16=ctx.bf16,
@@ -186,7 +191,7 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
                     logits_val = (
                         feats @ head.weight.detach().float().cpu().T + head.bias.detach().float().cpu()
                     )
-                y_val = torch.from_numpy(val.labels)
+                y_val = torch.from_numpy(val_labels)
                 acc = float((logits_val.argmax(1) == y_val).double().mean())
                 vloss = float(F.cross_entropy(logits_val, y_val))
                 row = {
@@ -259,5 +264,6 @@ def train_cell(ctx: Context, cell: Cell, run: Run, idx: np.ndarray) -> tuple[tor
         "lr_head": ft.lr_head,
         "augmentation": f"random resized crop (scale 0.5-1) + flips p={ft_view.flip_p}/"
         f"{ft_view.vflip_p or 0} (left-right/top-bottom), rot90 p={ft_view.rot90_p or 0}",
+        "selection": {"method": "val early stopping", "n_val": len(val_labels)},
     }
     return best["proba"], info

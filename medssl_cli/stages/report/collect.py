@@ -78,6 +78,10 @@ def grid_settings(ft: dict[str, Any] | None) -> str | None:
         )
     elif "linear" in modes:
         parts.append(f"linear: L-BFGS logistic regression, C from {ft.get('c_grid')} chosen on val")
+    if "knn" in modes:
+        parts.append(
+            "knn: weighted kNN (cosine, k = evaluate.knn_k cut to the labelled count), nothing chosen"
+        )
     if "full" in modes:
         parts.append(
             f"full: AdamW, lr backbone {ft.get('lr_backbone')} / head {ft.get('lr_head')}, weight decay "
@@ -203,6 +207,8 @@ def read_grid(path: Path, info: dict[str, Any], col: Collection) -> dict[str, An
         "n_train_split": train.get("n_images"),
         "n_val": (data.get("val") or {}).get("n_images"),
         "head": _recipe_value(path, "finetune", "head"),
+        # grids from before the budget existed chose on the whole val split: "full"
+        "val_budget": str(_recipe_value(path, "finetune", "val_budget") or "full"),
         "settings": grid_settings(_recipe_value(path, "finetune", None)),
         "cells_planned": len(planned),
         "cells": cells,

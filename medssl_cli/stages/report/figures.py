@@ -8,10 +8,10 @@ from typing import Any
 
 INIT_NAMES = {"ssl": "Barlow Twins", "imagenet": "ImageNet", "random": "Random init"}
 INIT_COLORS = {"ssl": "tab:blue", "imagenet": "tab:orange", "random": "tab:gray"}
-MODE_STYLES = {"linear": ("-", "o"), "full": ("--", "s")}
+MODE_STYLES = {"linear": ("-", "o"), "full": ("--", "s"), "knn": (":", "^")}
 
 
-MODE_NAMES = {"linear": "linear probe", "full": "fine-tuned"}
+MODE_NAMES = {"linear": "linear probe", "full": "fine-tuned", "knn": "kNN"}
 
 
 def series_label(init: str, mode: str) -> str:

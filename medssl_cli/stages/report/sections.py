@@ -10,6 +10,8 @@ from typing import Any
 
 from medssl_cli.data.leakage import related
 from medssl_cli.stages.report.aggregate import METRIC_KEYS
+from medssl_cli.stages.report.budget import describe as budget_sentence
+from medssl_cli.stages.report.budget import optimism_gap
 from medssl_cli.stages.report.collect import Collection
 from medssl_cli.stages.report.figures import INIT_NAMES, pct_label
 from medssl_cli.stages.report.render import Block, Bullets, Heading, Image, Para, Table
@@ -269,6 +271,8 @@ def label_efficiency(grids: list[dict[str, Any]]) -> list[Block]:
                 f"{grid.get('settings') or 'settings unknown (no recipe.yaml)'}."
             )
         )
+        budget = grid.get("val_budget", "full")
+        blocks.append(Para(budget_sentence(budget), "warning" if budget == "full" else "note"))
         if not g["rows"]:
             blocks.append(Para("No cell of this grid has val or test metrics.", "warning"))
             continue
@@ -281,7 +285,7 @@ def label_efficiency(grids: list[dict[str, Any]]) -> list[Block]:
             blocks.append(
                 Image(path, f"confusion matrix of {name}", f"Confusion matrix ({g['split']}) of {name}.")
             )
-    return blocks
+    return blocks + optimism_gap(grids)
 
 
 def knn_probes(col: Collection) -> list[Block]:

@@ -8,11 +8,8 @@ on); fully fine-tuned cells run their own saved backbone. Per cell: METRICS unde
 ``<grid>/metrics.json`` (mean ± std over seeds). Evaluate writes into the finetune run it evaluates
 (that is where the metrics belong) and nowhere else.
 
-kNN probe (``--probe knn``): ``--from`` a pretrain run; k = ``evaluate.knn_k`` (20) nearest neighbours
-by cosine similarity of L2-normalised frozen features, weighted votes (``probes.py``); memory bank =
-the whole labelled train split, queries = the test (or val) split. Stages never write into their
-parent, so the result is a new run ``<runs root>/evaluate-knn[-<name>]-<stamp>/`` (``kind: knn``) with
-``metrics.json`` and ``plots/confusion_<split>.png``.
+kNN probe (``--probe knn``, ``knn_probe.py``): ``--from`` a pretrain run; a new run
+``<runs root>/evaluate-knn[-<name>]-<stamp>/``.
 
 Leakage guard (``leakage.py``) before anything is computed or written: an ssl backbone must not have
 seen the evaluated images or their subjects; ``--allow-leakage`` overrides, recorded as
@@ -26,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medssl_cli import __version__
@@ -35,7 +33,7 @@ from medssl_cli.data.registry import data_root
 from medssl_cli.errors import UserError
 from medssl_cli.grids import finished_cells, grid_lock, write_summary
 from medssl_cli.io import read_json, write_json
-from medssl_cli.lifecycle import logging_to, recording
+from medssl_cli.lifecycle import logging_to
 from medssl_cli.models import load_weights
 from medssl_cli.readout import backbones
 from medssl_cli.readout.backbones import LoadedBackbone
@@ -45,13 +43,13 @@ from medssl_cli.readout.probes import knn_scores
 from medssl_cli.recipe import SECTIONS, Recipe, resolve
 from medssl_cli.runs import (
     Run,
-    create_run,
     feature_cache_dir,
     find_latest,
     locate,
-    resolve_run,
 )
 from medssl_cli.runtime import compute
+from medssl_cli.stages.evaluate.knn_probe import device_for, knn_probe
+from medssl_cli.stages.evaluate.predictions import write_predictions
 
 LOG = logging.getLogger("medssl")
 
@@ -59,16 +57,6 @@ LOG = logging.getLogger("medssl")
 def _recipe(base: Recipe, recipe_file: Path | None, overrides: dict[str, Any]) -> Recipe:
     """Every section of the evaluated run's recipe < recipe file < CLI (``recipe.resolve``)."""
     return resolve(recipe_file, overrides, base, SECTIONS)
-
-
-def _device(recipe: Recipe, size: int) -> tuple[torch.device, bool, bool]:
-    c = recipe.compute
-    device = compute.resolve_device(c.device)
-    return (
-        device,
-        compute.use_bf16(device, c.precision),
-        compute.use_channels_last(device, c.channels_last, size),
-    )
 
 
 def evaluate(
@@ -119,7 +107,7 @@ def evaluate(
         parent if ssl_cells else None, pool.seen(), root, recipe.evaluate.allow_leakage, what
     )
     no_leak = leakage.check(None, {}, root, True, what)
-    device, bf16, channels_last = _device(recipe, pool.image_size)
+    device, bf16, channels_last = device_for(recipe, pool.image_size)
     with logging_to(grid):
         LOG.info(f"Evaluating {len(cells)} cell(s) of {grid.path.name} on {what} ({len(pool)} images)")
         if leak.get("override"):
@@ -191,6 +179,29 @@ class _Evaluator:
         self.recipe, self.grid, self.parent, self.pool = recipe, grid, parent, pool
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
         self.feats: dict[str, torch.Tensor] = {}
+        self.loaded: dict[str, LoadedBackbone] = {}
+        self.train_feats: dict[str, torch.Tensor] = {}
+        self._train: Pool | None = None
+
+    def bank(self, init: str, trained: dict[str, Any], run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+        """A kNN cell's memory bank: frozen train features and labels of its labelled subset (the rows
+        its ``subset_indices.json`` records, checked against the train split's labels)."""
+        self.frozen(init, trained)  # loads (and checks) the backbone
+        key = trained.get("state_hash", "")
+        if self._train is None:
+            self._train = load_split(self.recipe, self.pool.root, "train")
+        train = self._train
+        if key not in self.train_feats:
+            self.train_feats[key] = self._features(self.loaded[key], cache=True, pool=train)
+        sub = read_json(run.file("subset_indices.json"))
+        idx = np.asarray(sub.get("indices", []), dtype=np.int64)
+        ok = len(idx) and idx.min() >= 0 and idx.max() < len(train)
+        if not ok or train.labels[idx].tolist() != sub.get("label"):
+            raise UserError(
+                f"{run.file('subset_indices.json')} does not match the train split of {self.pool.root}.",
+                "Evaluate with the data the grid was fine-tuned on, or fine-tune again.",
+            )
+        return self.train_feats[key][torch.from_numpy(idx)], torch.from_numpy(train.labels[idx])
 
     def frozen(self, init: str, trained: dict[str, Any]) -> torch.Tensor:
         """Features of the pool from the frozen backbone a linear cell was trained on (hash checked)."""
@@ -213,21 +224,23 @@ class _Evaluator:
                     "Restore the original weights, or fine-tune again.",
                 )
             self.feats[key] = self._features(lb, cache=True)
+            self.loaded[key] = lb
         return self.feats[key]
 
-    def _features(self, lb: LoadedBackbone, cache: bool) -> torch.Tensor:
+    def _features(self, lb: LoadedBackbone, cache: bool, pool: Pool | None = None) -> torch.Tensor:
+        pool = pool or self.pool
         if cache:
             fs = cached(
                 feature_cache_dir(self.grid.path.parent),
                 lb,
-                self.pool,
+                pool,
                 device=self.device,
                 bf16=self.bf16,
                 channels_last=self.channels_last,
                 desc=f"{lb.init} features",
             )
             LOG.info(
-                f"{lb.init} features of {len(self.pool)} images "
+                f"{lb.init} features of {len(pool)} images "
                 + ("read from the cache" if fs.hit else f"extracted in {fs.seconds:.1f} s")
             )
             return fs.features
@@ -247,9 +260,15 @@ class _Evaluator:
         return self._features(lb, cache=False)
 
 
-def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak: dict[str, Any]) -> None:
+def _cell_proba(ev: _Evaluator, c: dict[str, Any], run: Run) -> torch.Tensor:
+    """Class probabilities of the evaluated images: head on frozen (linear) or fine-tuned (full)
+    features, or the kNN vote shares of the cell's labelled subset (knn)."""
     pool = ev.pool
     trained = run.manifest.get("backbone", {})
+    if c["mode"] == "knn":
+        bank, labels = ev.bank(c["init"], trained, run)
+        k = int((run.manifest.get("knn") or {}).get("k") or min(ev.recipe.evaluate.knn_k, len(labels)))
+        return knn_scores(bank, labels, ev.frozen(c["init"], trained), k=k, num_classes=pool.num_classes)
     feats = ev.frozen(c["init"], trained) if c["mode"] == "linear" else ev.fine_tuned(run)
     state, _ = load_weights(run.file("weights", "head.safetensors"))
     w, b = state["weight"].float(), state["bias"].float()
@@ -258,7 +277,12 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
             f"{run.path}/weights/head.safetensors has shape {tuple(w.shape)}; expected "
             f"({pool.num_classes}, {feats.shape[1]})."
         )
-    proba = torch.softmax(feats @ w.T + b, dim=1)
+    return torch.softmax(feats @ w.T + b, dim=1)
+
+
+def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak: dict[str, Any]) -> None:
+    pool = ev.pool
+    proba = _cell_proba(ev, c, run)
     metrics = compute_metrics(
         pool.labels,
         proba.argmax(1).numpy(),
@@ -274,6 +298,7 @@ def _evaluate_cell(ev: _Evaluator, c: dict[str, Any], run: Run, split: str, leak
         "datasets": pool.dataset_ids,
         "ci": ev.recipe.evaluate.ci,
     }
+    metrics["predictions"] = write_predictions(run.file(f"predictions_{split}.csv"), pool, proba)
     record_cell_metrics(ev.grid.path, run.file("metrics.json"), split, metrics, leak, evaluated)
     title = f"{c['name']} - {split} ({metrics['n']} images), accuracy {metrics['accuracy']:.3f}"
     title = ("SYNTHETIC DATA - " if pool.synthetic else "") + title
@@ -314,98 +339,3 @@ def _log_groups(summary: dict[str, Any], split: str) -> None:
             f"{g['init']:>8} {g['mode']:<6} fraction {g['fraction']:<6g} {split} accuracy "
             f"{a['mean']:.3f}{spread}"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# kNN probe of a pretrain run
-
-
-def knn_probe(
-    overrides: dict[str, Any],
-    *,
-    from_run: str | Path | None,
-    runs_root: Path | str,
-    data_dir: Path | str | None = None,
-    name: str | None = None,
-    recipe_file: Path | None = None,
-) -> dict[str, Any]:
-    """kNN (k = evaluate.knn_k) of a pretrain run's frozen features: train split -> test/val split."""
-    runs_root = Path(runs_root)
-    pre = resolve_run(from_run, runs_root, "pretrain")
-    recipe = _recipe(pre.recipe(), recipe_file, overrides)
-    split, k = recipe.evaluate.split, recipe.evaluate.knn_k
-    if k < 1:
-        raise UserError(f"--k (evaluate.knn_k) must be >= 1, got {k}.", "E.g. --k 20.")
-    root = data_root(data_dir, pre.manifest.get("data", {}).get("root"))
-    compute.configure_threads(recipe.compute.threads)
-    bank, queries = load_split(recipe, root, "train"), load_split(recipe, root, split)
-    if k > len(bank):  # knn_scores would clamp silently: record the k actually used
-        LOG.info(
-            f"kNN: k = {k} is more than the {len(bank)} train images in the bank; using k = {len(bank)}."
-        )
-        k = len(bank)
-    what = f"the {split} split of {', '.join(queries.dataset_ids)}"
-    leak = leakage.check(pre, queries.seen(), root, recipe.evaluate.allow_leakage, what)
-    lb = backbones.from_pretrain_run(pre, bank.channels)
-    device, bf16, channels_last = _device(recipe, bank.image_size)
-    extra = {
-        "kind": "knn",
-        "split": split,
-        "probe": {
-            "k": k,
-            "k_requested": recipe.evaluate.knn_k,
-            "vote": "weighted exp(cos/0.07)",
-            "bank": "train",
-        },
-        "data": {"root": str(root), "train": bank.provenance(), split: queries.provenance()},
-    }
-    run = create_run(
-        runs_root, "evaluate", recipe, name=f"knn-{name}" if name else "knn", parent=pre, extra=extra
-    )
-    with recording(run):
-        cache = feature_cache_dir(runs_root)
-        f_bank = cached(
-            cache, lb, bank, device=device, bf16=bf16, channels_last=channels_last, desc="train features"
-        )
-        f_q = cached(
-            cache,
-            lb,
-            queries,
-            device=device,
-            bf16=bf16,
-            channels_last=channels_last,
-            desc=f"{split} features",
-        )
-        scores = knn_scores(
-            f_bank.features, torch.from_numpy(bank.labels), f_q.features, k=k, num_classes=bank.num_classes
-        )
-        metrics = compute_metrics(
-            queries.labels,
-            scores.argmax(1).numpy(),
-            scores.numpy(),
-            queries.class_names,
-            ci=recipe.evaluate.ci,
-        )
-        write_json(
-            run.file("metrics.json"),
-            {
-                split: metrics,
-                "probe": extra["probe"],
-                "leakage_override": bool(leak.get("override")),
-                "leakage": {split: leak},
-            },
-        )
-        title = f"kNN (k={k}) of {pre.path.name} - {split}, accuracy {metrics['accuracy']:.3f}"
-        title = ("SYNTHETIC DATA - " if queries.synthetic else "") + title
-        plot_confusion(
-            metrics["confusion"], queries.class_names, run.file("plots", f"confusion_{split}.png"), title
-        )
-        run.set_status(
-            "finished", accuracy=metrics["accuracy"], balanced_accuracy=metrics["balanced_accuracy"]
-        )
-        lo, hi = metrics["accuracy_ci"]
-        LOG.info(
-            f"kNN probe (k={k}) of {pre.path.name} on {what}: accuracy {metrics['accuracy']:.3f} "
-            f"[{lo:.3f}, {hi:.3f}], balanced {metrics['balanced_accuracy']:.3f}. Run: {run.path}"
-        )
-    return {"run": str(run.path), split: metrics}

@@ -3,7 +3,8 @@ individual commands (no separate code path).
 
 1. Write the synthetic datasets under the data root if they are absent.
 2. ``pretrain`` with ``recipes/demo.yaml``.
-3. ``finetune``: the demo grid (ssl and random inits x linear x 3 fractions x 3 seeds).
+3. ``finetune``: the demo grid (ssl and random inits x linear and knn x 3 fractions x 3 seeds; val
+   budget matched).
 4. ``evaluate`` on the test split.
 5. ``tsne``: Barlow Twins vs random init (and ImageNet when its weights are cached).
 6. ``report``: report.md, report.html, summary.json.

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medssl_cli.checks import check_tsne
 from medssl_cli.data import leakage
 from medssl_cli.data.images import ImageArray
 from medssl_cli.data.pool import SPLITS, Pool, load_pool
@@ -117,13 +118,7 @@ def resolve_recipe(recipe_file: Path | None, overrides: dict[str, Any], first: R
             "Pass e.g. --datasets axial, or --from a pretrain run.",
         )
     recipe = resolve(recipe_file, overrides, first.recipe() if first is not None else None, ("data", "model"))
-    t = recipe.tsne
-    if t.max_samples < 3:
-        raise UserError(f"tsne.max_samples must be at least 3, got {t.max_samples}.")
-    if not t.perplexity > 0:
-        raise UserError(f"tsne.perplexity must be > 0, got {t.perplexity}.")
-    if recipe.evaluate.knn_k < 1:
-        raise UserError(f"evaluate.knn_k must be >= 1, got {recipe.evaluate.knn_k}.")
+    check_tsne(recipe)
     return recipe
 
 

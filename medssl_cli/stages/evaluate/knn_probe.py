@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from medssl_cli.checks import check_knn_k
 from medssl_cli.data import leakage
 from medssl_cli.data.pool import load_split
 from medssl_cli.data.registry import data_root
-from medssl_cli.errors import UserError
 from medssl_cli.io import write_json
 from medssl_cli.lifecycle import recording
 from medssl_cli.readout import backbones
@@ -56,8 +56,7 @@ def knn_probe(
     pre = resolve_run(from_run, runs_root, "pretrain")
     recipe = resolve(recipe_file, overrides, pre.recipe(), SECTIONS)
     split, k = recipe.evaluate.split, recipe.evaluate.knn_k
-    if k < 1:
-        raise UserError(f"--k (evaluate.knn_k) must be >= 1, got {k}.", "E.g. --k 20.")
+    check_knn_k(recipe)
     root = data_root(data_dir, pre.manifest.get("data", {}).get("root"))
     compute.configure_threads(recipe.compute.threads)
     bank, queries = load_split(recipe, root, "train"), load_split(recipe, root, split)

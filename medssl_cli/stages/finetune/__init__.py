@@ -40,8 +40,8 @@ from typing import Any
 
 from medssl_cli import lifecycle
 from medssl_cli.barlowtwins.views import flip_warning
+from medssl_cli.checks import check_finetune
 from medssl_cli.data.domains import resolve_recipe_views
-from medssl_cli.data.fractions import parse_fraction, parse_val_budget
 from medssl_cli.data.pool import Pool, load_split
 from medssl_cli.data.registry import data_root
 from medssl_cli.errors import UserError
@@ -90,32 +90,6 @@ def resolve_recipe(
     # views: full fine-tuning flips and rotates as the parent's view1 (none for the organ planes)
     pr = parent.recipe() if parent is not None else None
     return resolve(recipe_file, overrides, pr, ("data", "model", "views")), parent
-
-
-def check_recipe(recipe: Recipe) -> None:
-    ft = recipe.finetune
-    for key in ("inits", "modes", "fractions", "seeds"):
-        values = getattr(ft, key)
-        if not values:
-            raise UserError(f"Recipe key 'finetune.{key}' is empty.", "Give at least one value.")
-        if len(set(values)) != len(values):
-            raise UserError(f"finetune.{key} lists a value twice: {values}.", "Remove the repeat.")
-    for f in ft.fractions:
-        parse_fraction(f)
-    if any(s < 0 for s in ft.seeds):
-        raise UserError(f"Seeds must be >= 0, got {ft.seeds}.", "Use e.g. --seeds 0,1,2.")
-    for key in ("epochs", "batch_size", "patience"):
-        if getattr(ft, key) < 1:
-            raise UserError(f"Recipe key 'finetune.{key}' must be >= 1, got {getattr(ft, key)}.")
-    for key in ("lr_head", "lr_backbone"):
-        if not getattr(ft, key) > 0:
-            raise UserError(f"Recipe key 'finetune.{key}' must be > 0, got {getattr(ft, key)}.")
-    if any(not c > 0 for c in ft.c_grid) or not ft.c_grid:
-        raise UserError(f"finetune.c_grid must be positive numbers, got {ft.c_grid}.")
-    parse_val_budget(ft.val_budget)
-    if "knn" in ft.modes and recipe.evaluate.knn_k < 1:
-        k = recipe.evaluate.knn_k
-        raise UserError(f"Recipe key 'evaluate.knn_k' (neighbours of the knn mode) must be >= 1, got {k}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +142,7 @@ def _finetune(
         recipe, parent = _reopen(existing, recipe_file, overrides, from_run)
     else:
         recipe, parent = resolve_recipe(recipe_file, overrides, from_run, runs_root)
-    check_recipe(recipe)
+    check_finetune(recipe)
     stack.enter_context(distributed.session(dist, compute.resolve_device(recipe.compute.device)))
     if "imagenet" in recipe.finetune.inits:
         backbones.require_imagenet()  # fail before anything is written

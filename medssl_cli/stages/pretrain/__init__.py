@@ -28,6 +28,7 @@ import torch
 
 from medssl_cli import lifecycle
 from medssl_cli.barlowtwins.views import flip_warning
+from medssl_cli.checks import check_pretrain as check_recipe  # noqa: F401 - importable as before
 from medssl_cli.data.domains import describe, resolve_recipe_views
 from medssl_cli.data.pool import Pool, load_pool
 from medssl_cli.data.registry import resolve_root
@@ -39,7 +40,7 @@ from medssl_cli.runs import Run, check_name, create_run
 from medssl_cli.runtime import checkpoint, compute, distributed, launch
 from medssl_cli.runtime.launch import Dist
 from medssl_cli.runtime.preempt import Interrupted, StopFlag
-from medssl_cli.stages.pretrain.checks import ADAM_LR_WARN, check_recipe, optimizer_warning  # noqa: F401
+from medssl_cli.stages.pretrain.checks import ADAM_LR_WARN, optimizer_warning  # noqa: F401
 from medssl_cli.stages.pretrain.loop import EpochSums, Training, setup, train_one_epoch, train_step  # noqa: F401
 from medssl_cli.stages.pretrain.records import (
     check_knn_monitor,

@@ -126,6 +126,9 @@ def test_tsne_end_to_end_and_leakage_guard(synth_root: Path, tmp_path: Path) -> 
     for b in m["backbones"]:
         assert -1.0 <= b["features"]["silhouette_cosine"] <= 1.0
         assert 0.0 <= b["features"]["knn_loo_accuracy"] <= 1.0
+        km = b["features"]["kmeans"]  # label-free: k-means clusters scored against the labels
+        assert km["k"] == 11 and 0.0 <= km["nmi"] <= 1.0 and km["nmi_ci"][0] <= km["nmi"] <= km["nmi_ci"][1]
+        assert -1.0 <= km["ari"] <= 1.0 and km["ari_ci"][0] <= km["ari"] <= km["ari_ci"][1]
         assert 0.0 <= b["embedding_2d"]["knn_loo_accuracy"] <= 1.0
     assert m["leakage_override"] is False and m["leakage"][0]["checked"] is True
     # all 11 classes are in the sample (33 of 66 test images, 6 per class -> 3 each)

@@ -6,6 +6,11 @@ runs and data. Definitions:
 - silhouette s_i = (b_i - a_i) / max(a_i, b_i), a_i = mean distance to the own class, b_i = the lowest
   mean distance to another class; the score is the mean over points (Rousseeuw 1987; sklearn).
 - leave-one-out kNN accuracy: each point is classified by its k nearest *other* points of the same set.
+- label-free clustering (``kmeans_agreement``): k-means (k = number of classes, 10 restarts, seeded)
+  on the L2-normalised features, then NMI (arithmetic normalisation) and ARI of the clusters against
+  the labels (used only to score); a bootstrap over the images (the clustering fixed) gives a 95%
+  interval for each: the 2.5-97.5 percentile spread, re-centred on the observed score (resampling
+  with replacement inflates NMI's plug-in estimate).
 """
 
 from __future__ import annotations
@@ -134,6 +139,53 @@ def embed(features: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarra
     return np.asarray(coords, dtype=np.float64), float(tsne.kl_divergence_)
 
 
+def _agreement(table: np.ndarray) -> tuple[float, float]:
+    """(NMI with arithmetic normalisation, ARI) from a contingency table (as sklearn defines them)."""
+    n = table.sum()
+    a, b = table.sum(1), table.sum(0)
+    comb = lambda x: x * (x - 1) / 2  # noqa: E731 - pairs
+    index, sa, sb, total = comb(table).sum(), comb(a).sum(), comb(b).sum(), comb(n)
+    expected = sa * sb / total if total else 0.0
+    top = (sa + sb) / 2 - expected
+    ari = 1.0 if top == 0 else float((index - expected) / top)
+    nz = table > 0
+    mi = float((table[nz] / n * np.log(n * table[nz] / np.outer(a, b)[nz])).sum())
+    ent = lambda p: float(-(p[p > 0] / n * np.log(p[p > 0] / n)).sum())  # noqa: E731
+    h = (ent(a) + ent(b)) / 2
+    nmi = 1.0 if h == 0 else max(0.0, mi / h)
+    return nmi, ari
+
+
+def kmeans_agreement(
+    z: np.ndarray, labels: np.ndarray, n_cls: int, seed: int = 0, n_boot: int = 1000
+) -> dict[str, Any]:
+    """NMI and ARI between k-means clusters (k = ``n_cls``) of ``z`` and the labels, each with a 95%
+    percentile-bootstrap interval over the images (the clustering fixed)."""
+    from sklearn.cluster import KMeans
+
+    labels = np.asarray(labels).astype(np.int64)
+    k = max(1, min(n_cls, len(z)))
+    clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(z).astype(np.int64)
+    n_lab = int(labels.max()) + 1 if len(labels) else 1
+    codes = labels * k + clusters
+
+    def table(c: np.ndarray) -> np.ndarray:
+        return np.bincount(c, minlength=n_lab * k).reshape(n_lab, k).astype(np.float64)
+
+    nmi, ari = _agreement(table(codes))
+    rng = np.random.default_rng([seed, 31337])
+    boot = np.array(
+        [_agreement(table(codes[rng.integers(0, len(codes), len(codes))])) for _ in range(n_boot)]
+    )
+    # Resampling with replacement duplicates images, which inflates NMI's plug-in estimate: the
+    # interval is the bootstrap spread re-centred on the observed score (then clipped to the range).
+    spread = np.percentile(boot, [2.5, 97.5], axis=0) - boot.mean(0)
+    (nlo, alo), (nhi, ahi) = spread + np.array([nmi, ari])
+    nlo, nhi, alo, ahi = max(0.0, nlo), min(1.0, nhi), max(-1.0, alo), min(1.0, ahi)
+    return {"k": k, "nmi": nmi, "nmi_ci": [float(nlo), float(nhi)], "ari": ari,
+            "ari_ci": [float(alo), float(ahi)], "bootstrap": n_boot}  # fmt: skip
+
+
 def cluster_scores(feats: np.ndarray, coords: np.ndarray, labels: np.ndarray, k: int, n_cls: int) -> dict:
     """The measured numbers for one backbone (see the module docstring)."""
     z = l2_normalize(feats)
@@ -141,6 +193,7 @@ def cluster_scores(feats: np.ndarray, coords: np.ndarray, labels: np.ndarray, k:
         "features": {
             "silhouette_cosine": silhouette(z, labels, "cosine"),
             "knn_loo_accuracy": knn_loo_accuracy(z, labels, n_cls, k=k, metric="cosine"),
+            "kmeans": kmeans_agreement(z, labels, n_cls),
         },
         "embedding_2d": {
             "silhouette_euclidean": silhouette(coords, labels, "euclidean"),

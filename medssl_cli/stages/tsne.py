@@ -245,9 +245,11 @@ def _run(
         scores = cluster_scores(feats, coords, labels, k, pool.num_classes)
         f = scores["features"]
         how = "cached features" if fs.hit else f"features in {fs.seconds:.1f} s"
+        km = f["kmeans"]
         LOG.info(
             f"{p.title}: silhouette (cosine, features) {fmt_score(f['silhouette_cosine'])}, leave-one-out "
-            f"{k}-NN accuracy {fmt_score(f['knn_loo_accuracy'])} ({how})"
+            f"{k}-NN accuracy {fmt_score(f['knn_loo_accuracy'])}, k-means NMI {km['nmi']:.3f} "
+            f"[{km['nmi_ci'][0]:.3f}, {km['nmi_ci'][1]:.3f}] ARI {km['ari']:.3f} ({how})"
         )
         results.append(
             {

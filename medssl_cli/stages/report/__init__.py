@@ -24,7 +24,7 @@ from medssl_cli.io import writable_dir, write_bytes, write_json, write_text
 from medssl_cli.readout.metrics import check_confusion
 from medssl_cli.recipe import Recipe
 from medssl_cli.runs import Run, create_run, versions
-from medssl_cli.stages.report import aggregate, sections
+from medssl_cli.stages.report import aggregate, paired, sections
 from medssl_cli.stages.report.collect import Collection, collect_grid, collect_root
 from medssl_cli.stages.report.figures import fraction_plot
 from medssl_cli.stages.report.render import to_html, to_markdown
@@ -118,6 +118,15 @@ def _trial(col: Collection, grid: dict[str, Any] | None = None) -> None:
     to_markdown(blocks)
 
 
+def _paired(grid: dict[str, Any], split: str) -> dict[str, Any] | None:
+    """The grid's paired comparisons (``paired.compare_grid``); unreadable predictions: a warning."""
+    try:
+        return paired.compare_grid(grid, split)
+    except (OSError, ValueError, KeyError) as exc:
+        LOG.warning(f"Paired comparisons of {grid['name']} skipped: predictions unreadable ({exc})")
+        return None
+
+
 def screen(col: Collection) -> Collection:
     """Move every run whose files parse but crash the report's code (wrong types, edited values) to
     "Missing or failed", so one damaged file never stops the report of the others."""
@@ -152,6 +161,7 @@ def build(col: Collection, out: Path) -> dict[str, Any]:
         g = {"grid": grid, "split": split, "fallback": fallback, "rows": rows}
         if rows:
             _grid_figures(g, out, primary=grid["name"] == newest)
+            g["paired"] = _paired(grid, split)
         grids.append(g)
     for p in col.pretrain:
         p["img_loss"] = _copy(p.get("loss_png"), out, f"plots/loss-{_safe(p['name'])}.png")
@@ -163,6 +173,7 @@ def build(col: Collection, out: Path) -> dict[str, Any]:
         *sections.protocol(col, grids),
         *sections.pretraining(col),
         *sections.label_efficiency(grids),
+        *paired.blocks(grids),
         *sections.knn_probes(col),
         *sections.tsne(col),
         *sections.provenance(col, env, synthetic),
@@ -185,6 +196,7 @@ def build(col: Collection, out: Path) -> dict[str, Any]:
                 "groups": g["rows"],
                 "img_fraction": g.get("img_fraction"),
                 "img_confusions": g.get("img_confusions", []),
+                "paired": g.get("paired"),
             }
             for g in grids
         ],

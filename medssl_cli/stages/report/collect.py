@@ -162,6 +162,7 @@ def _cell(grid: Path, planned: dict[str, Any], col: Collection) -> dict[str, Any
         "metrics": {},
         "leakage_override": False,
         "confusion_png": {},
+        "predictions": {},
     }
     where = f"{grid.name}/cells/{name}"
     info, err = _json(path / "run.json")
@@ -189,6 +190,11 @@ def _cell(grid: Path, planned: dict[str, Any], col: Collection) -> dict[str, Any
         s: str(path / "plots" / f"confusion_{s}.png")
         for s in ("val", "test")
         if (path / "plots" / f"confusion_{s}.png").is_file()
+    }
+    rec["predictions"] = {
+        s: str(path / f"predictions_{s}.csv")
+        for s in ("val", "test")
+        if (path / f"predictions_{s}.csv").is_file()
     }
     return rec
 

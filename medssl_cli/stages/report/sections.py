@@ -322,6 +322,7 @@ def tsne(col: Collection) -> list[Block]:
             [
                 b.get("title", b.get("id")),
                 num(b["features"].get("silhouette_cosine")), pct(b["features"].get("knn_loo_accuracy")),
+                _km(b["features"].get("kmeans"), "nmi"), _km(b["features"].get("kmeans"), "ari"),
                 num(b["embedding_2d"].get("silhouette_euclidean")),
                 pct(b["embedding_2d"].get("knn_loo_accuracy")),
             ]
@@ -332,7 +333,8 @@ def tsne(col: Collection) -> list[Block]:
             f"sample); perplexity {num(r['perplexity'], 1)}{_clipped(r)}. Feature-space scores are the "
             f"claim: silhouette with cosine distance on the L2-normalised features, and leave-one-out "
             f"{r['knn_k']}-NN accuracy within the sample (majority-class rate {pct(r['chance_accuracy'])}%). "
-            "2-D: reference only."
+            "NMI / ARI: k-means (k = classes) on the same features, scored against the labels (label-free "
+            "clustering; [95% bootstrap interval over images]). 2-D: reference only."
             + (
                 "  LEAKAGE OVERRIDE: a backbone saw these images or subjects."
                 if r["leakage_override"]
@@ -340,11 +342,18 @@ def tsne(col: Collection) -> list[Block]:
             )
         )
         headers = ["backbone", "silhouette (features, cosine)", "kNN accuracy % (features)",
-                   "silhouette (2-D)", "kNN accuracy % (2-D)"]  # fmt: skip
+                   "k-means NMI", "k-means ARI", "silhouette (2-D)", "kNN accuracy % (2-D)"]  # fmt: skip
         blocks.append(Table(headers, rows, caption, warning=r["leakage_override"]))
         if r.get("img_tsne"):
             blocks.append(Image(r["img_tsne"], f"t-SNE panels of {r['name']}", f"t-SNE of {r['name']}."))
     return blocks
+
+
+def _km(scores: dict[str, Any] | None, key: str) -> str:
+    if not scores or scores.get(key) is None:
+        return "n/a"
+    lo, hi = scores.get(f"{key}_ci") or (None, None)
+    return f"{num(scores[key])} [{num(lo)}, {num(hi)}]"
 
 
 def provenance(col: Collection, versions: dict[str, str], synthetic: dict[str, bool]) -> list[Block]:

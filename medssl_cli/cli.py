@@ -13,7 +13,7 @@ import typer
 from rich.markup import escape
 
 from medssl_cli import __version__
-from medssl_cli.commands import data, demo, evaluate, finetune, pretrain, report, tsne
+from medssl_cli.commands import data, demo, embed, evaluate, finetune, pretrain, report, tsne
 from medssl_cli.console import console
 from medssl_cli.errors import UserError
 from medssl_cli.runtime.preempt import Interrupted
@@ -31,6 +31,7 @@ app.command("pretrain")(pretrain.pretrain)
 app.command("finetune")(finetune.finetune)
 app.command("evaluate")(evaluate.evaluate)
 app.command("tsne")(tsne.tsne)
+app.command("embed")(embed.embed)
 app.command("report")(report.report)
 app.command("demo")(demo.demo)
 

@@ -17,7 +17,7 @@ from medssl_cli.errors import short
 from medssl_cli.io import read_json
 from medssl_cli.runs import locate
 
-SKIP_STAGES = ("report", "demo")  # outputs of this command and of the demo wrapper, not results
+SKIP_STAGES = ("report", "demo", "embed")  # this command's outputs, the demo wrapper, exported features
 
 
 @dataclass

@@ -67,7 +67,15 @@ def check_pretrain(recipe: Recipe, allow_test: bool = False) -> None:
             f"pretrain.chunk_size must be 0 (off) or >= 2 (BatchNorm statistics), got {p.chunk_size}."
         )
     check_projector(recipe.model.projector)
-    check_views(recipe.views)  # before the run directory exists (ViewFeed checks them again)
+    check_views(recipe.views)
+    if p.log == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        except ImportError:
+            raise UserError(
+                "--log tensorboard needs the tensorboard package, which is not installed.",
+                'Install it with: pip install -e ".[tensorboard]" (or pip install tensorboard).',
+            ) from None  # before the run directory exists (ViewFeed checks them again)
 
 
 def check_finetune(recipe: Recipe) -> None:

@@ -101,6 +101,9 @@ class PretrainRecipe:
     # of pretraining images, every rankme_every epochs (0 = off); a one-line warning when it collapses.
     rankme_every: int = 1
     rankme_samples: int = 1024
+    # Where per-epoch scalars go besides history.jsonl: tensorboard = <run>/tensorboard/ event files
+    # (needs the tensorboard extra: pip install -e ".[tensorboard]")
+    log: Literal["jsonl", "tensorboard"] = "jsonl"
     chunk_size: int = 0  # >0: backbone passes in chunks, one full-batch loss (see chunked.py)
 
 

@@ -42,6 +42,11 @@ def pretrain(
         None, "--compile/--no-compile", help="torch.compile the network and views (long GPU runs: ~1.3x)."
     ),
     knn_every: int = typer.Option(None, "--knn-every", help="kNN val accuracy every K epochs (0: off)."),
+    log: str | None = typer.Option(
+        None,
+        "--log",
+        help="Also write per-epoch scalars for TensorBoard: --log tensorboard (<run>/tensorboard/).",
+    ),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Checkpoint every N epochs."),
     seed: int = common.SEED,
     device: str = common.DEVICE,
@@ -76,6 +81,7 @@ def pretrain(
         "pretrain.lr": lr,
         "pretrain.optimizer": optimizer,
         "pretrain.knn_every": knn_every,
+        "pretrain.log": log,
         "pretrain.checkpoint_every": checkpoint_every,
         "compute.seed": seed,
         "compute.device": device,

@@ -44,6 +44,7 @@ from medssl_cli.stages.pretrain.checks import ADAM_LR_WARN, optimizer_warning  #
 from medssl_cli.stages.pretrain.loop import EpochSums, Training, setup, train_one_epoch, train_step  # noqa: F401
 from medssl_cli.stages.pretrain.records import (
     check_knn_monitor,
+    close_tensorboard,
     end_epoch,
     finish,
     monitor_features,
@@ -189,31 +190,34 @@ def _train(run: Run, recipe: Recipe, pool: Pool, dist: Dist, stop: StopFlag) -> 
 
     from medssl_cli.console import progress
 
-    with progress("samples") as bar:
-        task = bar.add_task(
-            "pretrain", total=t.total * p.batch_size, completed=step * p.batch_size, rate=0.0, info=""
-        )
+    try:
+        with progress("samples") as bar:
+            task = bar.add_task(
+                "pretrain", total=t.total * p.batch_size, completed=step * p.batch_size, rate=0.0, info=""
+            )
 
-        def show(at: int, rate: float, text: str) -> None:
-            bar.update(task, completed=at * p.batch_size, rate=rate, info=text)
+            def show(at: int, rate: float, text: str) -> None:
+                bar.update(task, completed=at * p.batch_size, rate=rate, info=text)
 
-        while step < t.total:
-            epoch = step // t.steps_per_epoch
-            step, lr, signum = train_one_epoch(t, p, dist, stop, step, sums, show)
-            epoch_done = step % t.steps_per_epoch == 0
-            if epoch_done:  # its history row (also when a stop came at its last step)
-                if dist.is_main:
-                    end_epoch(run, recipe, pool, t.net, epoch, step, lr, sums, t.device, t.bf16)
-                sums = EpochSums.zero(t.device)
-            if signum:
-                if dist.is_main:
+            while step < t.total:
+                epoch = step // t.steps_per_epoch
+                step, lr, signum = train_one_epoch(t, p, dist, stop, step, sums, show)
+                epoch_done = step % t.steps_per_epoch == 0
+                if epoch_done:  # its history row (also when a stop came at its last step)
+                    if dist.is_main:
+                        end_epoch(run, recipe, pool, t.net, epoch, step, lr, sums, t.device, t.bf16)
+                    sums = EpochSums.zero(t.device)
+                if signum:
+                    if dist.is_main:
+                        save_checkpoint(run, t.net, t.optimizer, step, sums)
+                    raise Interrupted(str(run.path), signum, step)
+                due = epoch_done and (epoch + 1) % p.checkpoint_every == 0 and step < t.total
+                if due and dist.is_main:
                     save_checkpoint(run, t.net, t.optimizer, step, sums)
-                raise Interrupted(str(run.path), signum, step)
-            due = epoch_done and (epoch + 1) % p.checkpoint_every == 0 and step < t.total
-            if due and dist.is_main:
-                save_checkpoint(run, t.net, t.optimizer, step, sums)
-    if dist.is_main:
-        finish(run, recipe, pool, t.net)
+        if dist.is_main:
+            finish(run, recipe, pool, t.net)
+    finally:  # the TensorBoard event file (--log tensorboard) is complete however the run ends
+        close_tensorboard(run)
 
 
 def _announce(run: Run, recipe: Recipe, pool: Pool, dist: Dist, t: Training) -> None:

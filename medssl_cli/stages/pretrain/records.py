@@ -91,12 +91,37 @@ def end_epoch(
         if warning and not any(h.get("rankme_collapsed") for h in history):  # once, when it happens
             LOG.warning(warning)
     append_jsonl(run.file("history.jsonl"), row)
+    if recipe.pretrain.log == "tensorboard":
+        _tensorboard(run, row)
     LOG.info(
         f"epoch {epoch + 1}/{recipe.pretrain.epochs}: loss {loss:.2f} (on-diag {on_d:.2f}, "
         f"off-diag {off_d:.1f}) lr {lr:.2e} {row['samples_per_s']:.1f} samples/s"
         + (f", kNN val acc {row['knn_val_accuracy']:.3f}" if "knn_val_accuracy" in row else "")
         + (f", RankMe {row['rankme']:.1f}" if "rankme" in row else "")
     )
+
+
+_WRITERS: dict[str, Any] = {}  # one open SummaryWriter per run directory (this process)
+
+
+def _tensorboard(run: Run, row: dict[str, Any]) -> None:
+    """The epoch's numeric history fields as TensorBoard scalars (``<run>/tensorboard/``), step = epoch."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    key = str(run.path)
+    if key not in _WRITERS:
+        _WRITERS[key] = SummaryWriter(log_dir=str(run.file("tensorboard")))
+    w = _WRITERS[key]
+    for name, value in row.items():
+        if name not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            w.add_scalar(f"pretrain/{name}", value, global_step=row["epoch"])
+    w.flush()
+
+
+def close_tensorboard(run: Run) -> None:
+    w = _WRITERS.pop(str(run.path), None)
+    if w is not None:
+        w.close()
 
 
 def monitor_features(

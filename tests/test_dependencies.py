@@ -17,6 +17,7 @@ DISTRIBUTION = {
     "sklearn": "scikit-learn",
     "skimage": "scikit-image",
     "mimeta": "mimeta-pytorch",
+    "PIL": "pillow",
 }
 
 

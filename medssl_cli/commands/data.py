@@ -93,5 +93,53 @@ def synth_cmd(
     console.print(f"Wrote {', '.join(ids)} to {out}. Try: medssl data list --data-dir {out}")
 
 
+@app.command("import")
+def import_cmd(
+    source: Path | None = typer.Argument(None, help="Folder with one sub-folder of images per class."),
+    csv_file: Path | None = typer.Option(
+        None, "--csv", help="Instead of a folder: CSV with path,label[,subject][,split] columns."
+    ),
+    dataset_id: str = typer.Option(..., "--id", help="Dataset id (its folder name under the data root)."),
+    size: int | None = typer.Option(
+        None,
+        "--size",
+        help="Resize to SIZE x SIZE (MIMeta: 224); without it all images must share one square size.",
+    ),
+    channels: str = typer.Option("auto", "--channels", help="auto (1 if every image is gray), 1 or 3."),
+    domain: str = typer.Option(
+        "Unknown",
+        "--domain",
+        help="MIMeta domain (decides the views' flips), e.g. 'Chest X-ray', 'Histopathology'.",
+    ),
+    val: float = typer.Option(0.15, "--val", help="Val fraction per class when no split is given."),
+    test: float = typer.Option(0.15, "--test", help="Test fraction per class when no split is given."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split draw."),
+    overwrite: bool = typer.Option(False, help="Replace a dataset with this id."),
+    data_dir: Path = DATA_DIR,
+) -> None:
+    """Your own images as a MIMeta-format dataset (info.yaml, images.hdf5, labels, splits) under the
+    data root: every stage then works on it with --datasets ID."""
+    import os
+
+    from medssl_cli.data.importer import import_images
+    from medssl_cli.data.registry import default_data_root
+
+    root = Path(data_dir or os.environ.get("MEDSSL_DATA") or default_data_root()).expanduser()
+    path = import_images(
+        root,
+        dataset_id,
+        folder=source,
+        csv_path=csv_file,
+        size=size,
+        channels=channels,
+        domain=domain,
+        val=val,
+        test=test,
+        seed=seed,
+        overwrite=overwrite,
+    )
+    console.print(f"Imported {path}. Try: medssl data info {dataset_id} --data-dir {root}", soft_wrap=True)
+
+
 def _kind(target: str) -> str:
     return target.replace("_CLASSIFICATION", "").lower()

@@ -10,6 +10,12 @@ import pytest
 import torch
 from test_user_errors import one_error_line
 
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # one logical error line must not be wrapped into several
+
+
 from medssl_cli.cli import main
 from medssl_cli.data.pool import load_pool
 from medssl_cli.readout import backbones

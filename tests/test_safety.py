@@ -270,6 +270,7 @@ ALLOWED_WRITES = {
     ("medssl_cli/readout/features.py", "open(a+)"): "feature cache lock files (flock; no content)",
     ("medssl_cli/data/mimeta_format.py", "h5py.File(w)"): "_write_hdf5, called through io.write_with",
     ("medssl_cli/data/mimeta_format.py", "np.save"): "into an in-memory buffer, then io.write_bytes",
+    ("medssl_cli/stages/embed.py", "np.savez"): "into an in-memory buffer, then io.write_bytes",
 }
 WRITERS = {"*.write_text", "*.write_bytes", "*.savefig", "*.to_csv", "*.tofile", "*.touch", "*.save_file",
            "save_file", "torch.save", "np.save", "np.savez", "np.savez_compressed", "numpy.save", "json.dump",

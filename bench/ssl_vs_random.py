@@ -35,7 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medssl_cli.data.real import SOURCES, write_real  # noqa: E402
-from medssl_cli.recipe import Recipe, merge, override, read_recipe_file  # noqa: E402
+from medssl_cli.recipe import resolve  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -67,21 +67,18 @@ def run_source(
     write_real(data, source, size=size, overwrite=True)
     ds = f"real_{source}"
     runs = work / "runs"
-    base = merge(Recipe(), read_recipe_file(args.recipe)) if args.recipe else Recipe()
-    base = override(
-        base,
-        {
-            "data.datasets": [ds],
-            "data.image_size": size,
-            "pretrain.epochs": args.epochs,
-            "pretrain.batch_size": args.batch_size,
-            "compute.threads": args.threads,
-            "pretrain.checkpoint_every": args.epochs,
-        },
-    )
+    base = {
+        "data.datasets": [ds],
+        "data.image_size": size,
+        "pretrain.epochs": args.epochs,
+        "pretrain.batch_size": args.batch_size,
+        "compute.threads": args.threads,
+        "pretrain.checkpoint_every": args.epochs,
+    }
     out: dict[str, Any] = {"source": source, "size": size, "epochs": args.epochs, "variants": {}}
     for i, (name, sets) in enumerate(variants):
-        recipe = override(base, sets)
+        # recipe.resolve: a variant that picks a method gets that method's defaults (METHOD_DEFAULTS)
+        recipe = resolve(args.recipe, {**base, **sets})
         t0 = time.perf_counter()
         run = pretrain(recipe, data_dir=data, runs_root=runs, name=f"{source}{size}-{name}")
         pre_s = time.perf_counter() - t0
@@ -149,13 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", default="5,20,all", help="labelled images per class, or 'all'")
     ap.add_argument("--draws", type=int, default=5, help="label draws (finetune seeds) per fraction")
     ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... (repeatable)")
+    ap.add_argument(
+        "--methods", default=None, help="pretrain each of these methods (e.g. barlow_twins,vicreg,simclr)"
+    )
     ap.add_argument("--recipe", type=Path, default=None, help="base recipe file (default: built-ins)")
     ap.add_argument("--threads", type=int, default=0, help="compute.threads (0: torch's default)")
     ap.add_argument("--imagenet", action="store_true", help="add the ImageNet init (weights file needed)")
     ap.add_argument("--work", type=Path, default=None, help="keep data and runs here (default: temp dir)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    variants = [parse_variant(v) for v in args.variant] or [("defaults", {})]
+    methods = [("barlow_twins" if m == "barlow_twins" else m, {"pretrain.method": m})
+               for m in (args.methods.split(",") if args.methods else [])]  # fmt: skip
+    variants = methods + [parse_variant(v) for v in args.variant] or [("defaults", {})]
     labels = args.labels.split(",")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

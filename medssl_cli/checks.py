@@ -45,6 +45,13 @@ def check_pretrain(recipe: Recipe, allow_test: bool = False) -> None:
             f"Recipe key 'pretrain.lambd' (off-diagonal weight) must be a finite number > 0, got {p.lambd}.",
             "Barlow Twins uses 0.0051.",
         )
+    if not (math.isfinite(p.simclr_temperature) and p.simclr_temperature > 0):
+        raise UserError(f"Recipe key 'pretrain.simclr_temperature' must be > 0, got {p.simclr_temperature}.")
+    for key in ("vicreg_sim", "vicreg_std", "vicreg_cov"):
+        if not (math.isfinite(getattr(p, key)) and getattr(p, key) >= 0):
+            raise UserError(
+                f"Recipe key 'pretrain.{key}' must be a finite number >= 0, got {getattr(p, key)}."
+            )
     if p.checkpoint_every < 1:
         raise UserError(
             f"--checkpoint-every (pretrain.checkpoint_every) must be >= 1 epoch, got {p.checkpoint_every}.",

@@ -94,7 +94,15 @@ class PretrainRecipe:
     weight_decay: float = 1.5e-6  # official Barlow Twins (never on biases/BN)
     lars_eta: float = 0.001  # LARS trust coefficient (official Barlow Twins; solo-learn's CIFAR recipe: 0.02)
     warmup_epochs: float = 10.0  # linear warmup, capped at a tenth of the run
-    lambd: float = 0.0051
+    # Objective: barlow_twins (Zbontar et al. 2021), vicreg (Bardes et al. 2022), simclr (Chen et al.
+    # 2020); medssl_cli/methods. Picking vicreg/simclr also applies METHOD_DEFAULTS below (recipe
+    # file and CLI options still win).
+    method: Literal["barlow_twins", "vicreg", "simclr"] = "barlow_twins"
+    lambd: float = 0.0051  # Barlow Twins: weight of the off-diagonal term
+    vicreg_sim: float = 25.0  # VICReg: invariance weight (lambda in the paper)
+    vicreg_std: float = 25.0  # VICReg: variance weight (mu)
+    vicreg_cov: float = 1.0  # VICReg: covariance weight (nu)
+    simclr_temperature: float = 0.2  # SimCLR: NT-Xent temperature (paper: 0.1-0.5 by batch size)
     checkpoint_every: int = 10  # epochs
     knn_every: int = 0  # epochs; 0 = off. kNN accuracy on val (monitor only)
     # Label-free collapse monitor (rankme.py): RankMe and feature std of the backbone on a fixed sample
@@ -333,7 +341,20 @@ def diff(a: Recipe, b: Recipe) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
 
 
-SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))  # every section of a recipe
+SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+# What picking a method changes (dotted keys), from the papers, scaled for the default ResNet-18
+# (512-d features; the papers used ResNet-50 with 2048-d) and a batch of 256, as solo-learn's
+# ResNet-18 recipes do. Barlow Twins: the built-in defaults (official main.py with a 2048-wide
+# projector instead of 8192).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    # VICReg: 3-layer expander (paper: 8192-wide for ResNet-50; 2048 here), LARS, lr 0.3 per 256 and
+    # weight decay 1e-4 (solo-learn, ResNet-18), lambda = mu = 25, nu = 1 (paper).
+    "vicreg": {"model.projector": [2048, 2048, 2048], "pretrain.lr": 0.3, "pretrain.weight_decay": 1e-4},
+    # SimCLR: 2-layer projector (paper: 2048 hidden, 128 out), LARS, lr 0.4 per 256 and weight decay
+    # 1e-5 (solo-learn, ResNet-18), temperature 0.2 (paper: 0.1-0.5 depending on batch size).
+    "simclr": {"model.projector": [2048, 128], "pretrain.lr": 0.4, "pretrain.weight_decay": 1e-5},
+}  # every section of a recipe
 
 
 def resolve(
@@ -342,11 +363,18 @@ def resolve(
     parent: Recipe | None = None,
     inherit: tuple[str, ...] = (),
 ) -> Recipe:
-    """The recipe a stage runs: defaults < ``inherit`` sections of ``parent`` < ``recipe_file`` < CLI
-    ``overrides`` (dotted keys; None = not given). The one precedence rule (module docstring)."""
-    recipe = Recipe()
-    if parent is not None and inherit:
-        recipe = merge(recipe, {key: dataclasses.asdict(getattr(parent, key)) for key in inherit})
-    if recipe_file is not None:
-        recipe = merge(recipe, read_recipe_file(recipe_file))
-    return override(recipe, overrides or {})
+    """The recipe a stage runs: defaults < the chosen method's defaults (``METHOD_DEFAULTS``) <
+    ``inherit`` sections of ``parent`` < ``recipe_file`` < CLI ``overrides`` (dotted keys; None = not
+    given). The one precedence rule (module docstring)."""
+    file = read_recipe_file(recipe_file) if recipe_file is not None else {}
+
+    def build(method_defaults: dict[str, Any]) -> Recipe:
+        recipe = override(Recipe(), method_defaults)
+        if parent is not None and inherit:
+            recipe = merge(recipe, {key: dataclasses.asdict(getattr(parent, key)) for key in inherit})
+        return override(merge(recipe, file), overrides or {})
+
+    recipe = build({})
+    # a method's own defaults sit just above the built-ins (the file and CLI options still win)
+    chosen = METHOD_DEFAULTS.get(recipe.pretrain.method)
+    return build(chosen) if chosen and "pretrain" not in inherit else recipe

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -93,6 +94,7 @@ def chunked_train_step(
     bf16: bool,
     chunk: int,
     world_size: int = 1,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Barlow Twins step in chunks of ``chunk`` samples (see the module docstring).
 
@@ -116,7 +118,10 @@ def chunked_train_step(
     # Full-batch loss on leaf copies: dL/dz for every sample.
     z1 = z1.detach().float().requires_grad_(True)
     z2 = z2.detach().float().requires_grad_(True)
-    loss, on_diag, off_diag = barlow_twins_loss(z1, z2, lambd, world_size)
+    if loss_fn is None:  # Barlow Twins; any medssl objective (methods.objective) is a full-batch loss too
+        loss, on_diag, off_diag = barlow_twins_loss(z1, z2, lambd, world_size)
+    else:
+        loss, on_diag, off_diag = loss_fn(z1, z2, world_size)
     g1, g2 = torch.autograd.grad(loss, (z1, z2))
 
     # Pass 2: recompute each chunk with grad and push its slice of dL/dz through the network.

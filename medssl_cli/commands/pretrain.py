@@ -42,6 +42,9 @@ def pretrain(
         None, "--compile/--no-compile", help="torch.compile the network and views (long GPU runs: ~1.3x)."
     ),
     knn_every: int = typer.Option(None, "--knn-every", help="kNN val accuracy every K epochs (0: off)."),
+    method: str | None = typer.Option(
+        None, "--method", help="barlow_twins (default), vicreg or simclr; each brings its paper's defaults."
+    ),
     log: str | None = typer.Option(
         None,
         "--log",
@@ -82,6 +85,7 @@ def pretrain(
         "pretrain.optimizer": optimizer,
         "pretrain.knn_every": knn_every,
         "pretrain.log": log,
+        "pretrain.method": method,
         "pretrain.checkpoint_every": checkpoint_every,
         "compute.seed": seed,
         "compute.device": device,

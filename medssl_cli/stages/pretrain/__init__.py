@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from medssl_cli import lifecycle
+from medssl_cli import lifecycle, methods
 from medssl_cli.barlowtwins.views import flip_warning
 from medssl_cli.checks import check_pretrain as check_recipe  # noqa: F401 - importable as before
 from medssl_cli.data.domains import describe, resolve_recipe_views
@@ -226,7 +226,8 @@ def _announce(run: Run, recipe: Recipe, pool: Pool, dist: Dist, t: Training) -> 
     LOG.info(
         f"Pretraining on {len(pool)} images ({', '.join(pool.dataset_ids)}; splits {','.join(pool.splits)}) "
         f"at {pool.image_size} px, {pool.channels} channel(s): {p.epochs} epochs x {t.steps_per_epoch} "
-        f"steps of {p.batch_size}, {p.optimizer}, lr {p.lr}, device {compute.describe_device(t.device)}, "
+        f"steps of {p.batch_size}, {methods.NAMES[p.method]}, {p.optimizer}, lr {p.lr}, "
+        f"device {compute.describe_device(t.device)}, "
         f"{'bf16 autocast' if t.bf16 else 'fp32'}{', channels_last' if t.channels_last else ''}, "
         f"images {'on the device' if t.source.on_device else 'streamed'}"
     )
@@ -249,6 +250,7 @@ def _announce(run: Run, recipe: Recipe, pool: Pool, dist: Dist, t: Training) -> 
             steps_per_epoch=t.steps_per_epoch,
             total_steps=t.total,
             distributed=dist.describe(),
+            method=methods.describe(p),
         )
 
 

@@ -22,6 +22,7 @@ from medssl_cli.barlowtwins.loss import barlow_twins_loss
 from medssl_cli.barlowtwins.optim import build_optimizer, set_lr
 from medssl_cli.data.pool import Pool
 from medssl_cli.errors import TrainingDiverged
+from medssl_cli.methods import Loss, objective
 from medssl_cli.models import PretrainNet, build_pretrain_net, count_params
 from medssl_cli.recipe import PretrainRecipe, Recipe
 from medssl_cli.runtime import compute, distributed
@@ -144,12 +145,17 @@ def train_step(
     lambd: float,
     bf16: bool,
     world_size: int = 1,
+    loss_fn: Loss | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One Barlow Twins step on two ready views; returns detached (loss, on_diag, off_diag)."""
+    """One step on two ready views; returns detached (loss, first term, second term). ``loss_fn``:
+    the method's objective (``methods.objective``); default Barlow Twins with ``lambd``."""
     with compute.autocast(v1.device, bf16):
         z1 = net(v1)
         z2 = net(v2)
-    loss, on_diag, off_diag = barlow_twins_loss(z1.float(), z2.float(), lambd, world_size)
+    if loss_fn is None:
+        loss, on_diag, off_diag = barlow_twins_loss(z1.float(), z2.float(), lambd, world_size)
+    else:
+        loss, on_diag, off_diag = loss_fn(z1.float(), z2.float(), world_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -170,6 +176,7 @@ def train_one_epoch(
     A stop signal (agreed on by every rank) ends the epoch early at the same step on all ranks; the
     caller checkpoints and stops. ``show(step, samples/s, text)`` updates the progress display.
     """
+    loss_fn = objective(p)
     sync_every = 1 if t.device.type == "cpu" else 25  # host syncs stall a GPU: check the loss less often
     epoch, start = divmod(step, t.steps_per_epoch)
     t0 = time.perf_counter()
@@ -179,10 +186,11 @@ def train_one_epoch(
         v1, v2 = t.feed(step)
         if 0 < p.chunk_size < v1.shape[0]:  # memory saver: chunked passes, one full-batch loss
             out = chunked_train_step(
-                t.model, t.optimizer, v1, v2, p.lambd, t.bf16, p.chunk_size, dist.world_size
+                t.model, t.optimizer, v1, v2, p.lambd, t.bf16, p.chunk_size, dist.world_size, loss_fn
             )
         else:
-            out = train_step(t.model, t.optimizer, v1, v2, p.lambd, t.bf16, dist.world_size)
+            out = train_step(t.model, t.optimizer, v1, v2, p.lambd, t.bf16, dist.world_size, loss_fn)
+
         sums.add(*out)
         step += 1
         last = s == t.steps_per_epoch - 1

@@ -199,6 +199,7 @@ def finish(run: Run, recipe: Recipe, pool: Pool, net: PretrainNet) -> None:
         recipe_hash=recipe.hash(),
         medssl_version=__version__,
         init="ssl",
+        method=recipe.pretrain.method,
     )
     save_weights(run.file("weights", "backbone.safetensors"), net.backbone, meta)
     save_weights(

@@ -76,7 +76,7 @@ def _grid_figures(g: dict[str, Any], out: Path, primary: bool) -> None:
         + f"{split} accuracy vs label fraction: {', '.join(grid['datasets'])} ({split} split, "
         + f"n = {'/'.join(map(str, n_eval)) or '?'}), grid {grid['name']}"
     )
-    fraction_plot(g["rows"], out / rel, title)
+    fraction_plot(g["rows"], out / rel, title, grid=grid)
     g["img_fraction"] = rel
     g["img_confusions"] = []
     for c in _confusions(grid, split):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medssl_cli.stages.report.figures import INIT_NAMES, pct_label
+from medssl_cli.stages.report.figures import init_name, pct_label
 from medssl_cli.stages.report.render import Block, Heading, Para, Table
 
 
@@ -53,7 +53,7 @@ def optimism_gap(grids: list[dict[str, Any]]) -> list[Block]:
             if a is None or b is None:
                 continue
             init, mode, fraction = key
-            rows.append([INIT_NAMES.get(init, init), mode, pct_label(fraction), f"{100 * a:.1f}",
+            rows.append([init_name(init, matched["grid"]), mode, pct_label(fraction), f"{100 * a:.1f}",
                          f"{100 * b:.1f}", f"{100 * (a - b):+.1f}"])  # fmt: skip
         if not rows:
             continue

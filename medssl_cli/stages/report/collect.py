@@ -199,6 +199,21 @@ def _cell(grid: Path, planned: dict[str, Any], col: Collection) -> dict[str, Any
     return rec
 
 
+METHOD_NAMES = {"barlow_twins": "Barlow Twins", "vicreg": "VICReg", "simclr": "SimCLR"}
+
+
+def _method_name(info: dict[str, Any], grid: Path) -> str:
+    """The self-supervised method of the grid's pretrain run (its run.json), for the ssl rows."""
+    parent = info.get("parent")
+    pinfo, _ = (
+        _json(locate(parent, grid.parent) / "run.json")
+        if isinstance(parent, str) and parent
+        else (None, None)
+    )
+    method = ((pinfo or {}).get("method") or {}).get("method") if isinstance(pinfo, dict) else None
+    return METHOD_NAMES.get(str(method or "barlow_twins"), str(method))
+
+
 def read_grid(path: Path, info: dict[str, Any], col: Collection) -> dict[str, Any]:
     data = info.get("data") or {}
     train = data.get("train") or {}
@@ -215,6 +230,7 @@ def read_grid(path: Path, info: dict[str, Any], col: Collection) -> dict[str, An
         "head": _recipe_value(path, "finetune", "head"),
         # grids from before the budget existed chose on the whole val split: "full"
         "val_budget": str(_recipe_value(path, "finetune", "val_budget") or "full"),
+        "ssl_name": _method_name(info, path),
         "settings": grid_settings(_recipe_value(path, "finetune", None)),
         "cells_planned": len(planned),
         "cells": cells,

@@ -14,8 +14,15 @@ MODE_STYLES = {"linear": ("-", "o"), "full": ("--", "s"), "knn": (":", "^")}
 MODE_NAMES = {"linear": "linear probe", "full": "fine-tuned", "knn": "kNN"}
 
 
-def series_label(init: str, mode: str) -> str:
-    return f"{INIT_NAMES.get(init, init)}, {MODE_NAMES.get(mode, mode)}"
+def init_name(init: str, grid: dict[str, Any] | None = None) -> str:
+    """ "Barlow Twins" / "VICReg" / "SimCLR" for a grid's ssl init (its pretrain run's method)."""
+    if init == "ssl" and grid and grid.get("ssl_name"):
+        return str(grid["ssl_name"])
+    return INIT_NAMES.get(init, init)
+
+
+def series_label(init: str, mode: str, grid: dict[str, Any] | None = None) -> str:
+    return f"{init_name(init, grid)}, {MODE_NAMES.get(mode, mode)}"
 
 
 def pct_label(fraction: float) -> str:
@@ -23,7 +30,13 @@ def pct_label(fraction: float) -> str:
     return f"{100 * fraction:.4g}%"
 
 
-def fraction_plot(rows: list[dict[str, Any]], path: Path, title: str, metric: str = "accuracy") -> None:
+def fraction_plot(
+    rows: list[dict[str, Any]],
+    path: Path,
+    title: str,
+    metric: str = "accuracy",
+    grid: dict[str, Any] | None = None,
+) -> None:
     """Mean ``metric`` (%) per label fraction (log x axis, %), one line per init x mode, error bars = std
     over seeds (none for a single seed)."""
     from medssl_cli.plots import _plt, save_figure
@@ -48,7 +61,7 @@ def fraction_plot(rows: list[dict[str, Any]], path: Path, title: str, metric: st
         n_seeds = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
         ax.errorbar(
             x, y, yerr=err, ls=ls, marker=marker, color=color, capsize=4, lw=1.8, ms=6,
-            label=f"{series_label(init, mode)} ({n_seeds} seed{'s' if seeds[-1] > 1 else ''})",
+            label=f"{series_label(init, mode, grid)} ({n_seeds} seed{'s' if seeds[-1] > 1 else ''})",
         )  # fmt: skip
     ax.set_xscale("log")
     if len(fractions) == 1:  # else the axis spans only the dodge and the series look far apart

@@ -179,7 +179,7 @@ def _p(p: float) -> str:
 
 def blocks(grids: list[dict[str, Any]]) -> list[Any]:
     """The report's "Paired comparisons" section: one table and the labels-saved lines per grid."""
-    from medssl_cli.stages.report.figures import INIT_NAMES, pct_label
+    from medssl_cli.stages.report.figures import init_name, pct_label
     from medssl_cli.stages.report.render import Bullets, Heading, Para, Table
 
     out: list[Any] = []
@@ -187,7 +187,7 @@ def blocks(grids: list[dict[str, Any]]) -> list[Any]:
         res = g.get("paired")
         if not res or not res["comparisons"]:
             continue
-        name = lambda i: INIT_NAMES.get(i, i)  # noqa: E731
+        name = lambda i, grid=g["grid"]: init_name(i, grid)  # noqa: E731
         rows = [
             [c["mode"], pct_label(c["fraction"]), f"{name(c['a'])} - {name(c['b'])}", str(len(c["seeds"])),
              f"{_pts(c['accuracy']['diff'])} {_ci(c['accuracy']['ci'])}", _p(c["accuracy"]["p"]),

@@ -13,7 +13,7 @@ from medssl_cli.stages.report.aggregate import METRIC_KEYS
 from medssl_cli.stages.report.budget import describe as budget_sentence
 from medssl_cli.stages.report.budget import optimism_gap
 from medssl_cli.stages.report.collect import Collection
-from medssl_cli.stages.report.figures import INIT_NAMES, pct_label
+from medssl_cli.stages.report.figures import init_name, pct_label
 from medssl_cli.stages.report.render import Block, Bullets, Heading, Image, Para, Table
 
 STATS_NOTE = (
@@ -209,14 +209,14 @@ def _comparison(g: dict[str, Any]) -> Table:
         seeds = f"{n}{f' of {n_plan}' if n < n_plan else ''} ({', '.join(map(str, r['seeds']))})"
         mixed = " (mixed methods)" if len(r.get("run_ci_methods") or []) > 1 else ""
         rows.append([
-            INIT_NAMES.get(r["init"], r["init"]) + (LEAK_MARK if r.get("leakage_override") else ""),
+            init_name(r["init"], grid) + (LEAK_MARK if r.get("leakage_override") else ""),
             r["mode"], pct_label(r["fraction"]), _span(r["n_train"]), seeds, stat(r["accuracy"]),
             interval(r["accuracy_run_ci_mean"]) + mixed,
             stat(r["balanced_accuracy"]), stat(r["macro_f1"]), stat(r["auroc"], 1.0, 3),
         ])  # fmt: skip
     for (init, mode, fraction), n_plan in planned.items():  # planned rows without any result
         short += 1
-        rows.append([INIT_NAMES.get(init, init), mode, pct_label(fraction), "?", f"0 of {n_plan}"]
+        rows.append([init_name(init, grid), mode, pct_label(fraction), "?", f"0 of {n_plan}"]
                     + ["n/a"] * 5)  # fmt: skip
     headers = ["init", "mode", "labels", "labelled images", "seeds", "accuracy %",
                "accuracy % per-run 95% CI", "balanced accuracy %", "macro-F1 %", "macro AUROC"]  # fmt: skip

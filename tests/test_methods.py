@@ -166,3 +166,30 @@ def test_a_run_of_each_method_is_recorded_and_reported_by_its_name(
     evaluate({}, from_run=grid.path, runs_root=tmp_path, data_dir=synth_root)
     text = (report(runs_root=tmp_path, from_grid=grid.path, name="m") / "report.md").read_text()
     assert f"| {name} | linear |" in text and "| Barlow Twins |" not in text
+
+
+@pytest.mark.slow  # starts processes
+@pytest.mark.parametrize("method", ["vicreg", "simclr"])
+def test_torchrun_two_processes_train_each_method(synth_root: Path, tmp_path: Path, method: str) -> None:
+    """`torchrun --nproc-per-node 2 -m medssl_cli.cli pretrain --method M` finishes, with gloo ranks."""
+    import os
+
+    from medssl_cli.runs import Run
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        "data: {datasets: [synthetic_organs_axial, synthetic_organs_coronal], image_size: 32}\n"
+        "pretrain: {epochs: 2, batch_size: 16, warmup_epochs: 1, rankme_samples: 16}\n"
+        "compute: {precision: fp32, threads: 1, device: cpu}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDSSL_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1",
+           "MEDSSL_DIST_TIMEOUT": "5"}  # fmt: skip
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "medssl_cli.cli", "pretrain", "--recipe", str(recipe), "--method", method,
+           "--run-dir", str(run_dir), "--data-dir", str(synth_root)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    info = Run(run_dir).manifest
+    assert info["status"] == "finished" and info["distributed"]["world_size"] == 2
+    assert info["method"]["method"] == method

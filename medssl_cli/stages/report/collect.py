@@ -138,6 +138,7 @@ def read_pretrain(path: Path, info: dict[str, Any], col: Collection) -> dict[str
         "rankme_peak": metrics.get("rankme_peak"),
         "rankme_init": metrics.get("rankme_init"),
         "rankme_collapsed": metrics.get("rankme_collapsed"),
+        "method": METHOD_NAMES.get(str((info.get("method") or {}).get("method") or "barlow_twins")),
         "device": info.get("device"),
         "precision": info.get("precision"),
         "loss_png": _file(path / "plots" / "loss.png"),

@@ -147,7 +147,8 @@ def pretraining(col: Collection) -> list[Block]:
         return [*blocks, Para("No finished pretrain run.", "warning")]
     rows = [
         [
-            p["name"], ds_list(p["datasets"], p["synthetic"]), ", ".join(p["splits"]),
+            p["name"], p.get("method") or "Barlow Twins", ds_list(p["datasets"], p["synthetic"]),
+            ", ".join(p["splits"]),
             str(p["n_images"] or "?"),
             f"{p['epochs'] or '?'} / {p['epochs_planned'] or '?'}", str(p["batch_size"] or "?"),
             num(p["final_loss"], 2), _rankme(p), num(p["samples_per_s"], 1), num(p["train_time_s"], 0),
@@ -155,14 +156,15 @@ def pretraining(col: Collection) -> list[Block]:
         ]
         for p in done
     ]  # fmt: skip
-    headers = ["run", "datasets", "splits", "images", "epochs (done / planned)", "batch", "final loss",
+    headers = ["run", "method", "datasets", "splits", "images", "epochs (done / planned)", "batch",
+               "final loss",
                "RankMe (init / peak / final)", "throughput (samples/s)", "train time (s)", "device",
                "precision", "recipe hash"]  # fmt: skip
     blocks.append(
         Table(
             headers,
             rows,
-            "Barlow Twins pretraining runs (final loss = mean over the last epoch). RankMe: "
+            "Pretraining runs (final loss = mean over the last epoch, in the method's own units). RankMe: "
             "effective rank of the backbone's features on a fixed sample of pretraining images (Garrido et "
             "al., ICML 2023; label-free; max 512), before training / best / last epoch.",
         )

@@ -58,6 +58,7 @@ def test_embed_random_init_and_bad_options(synth_root: Path, tmp_path: Path, cap
     d = np.load(run.file("features.npz"))
     assert list(d["class_names"]) and set(d["split"]) == {"val"} and set(d["item"]) == {""}
     root = ["--runs-root", str(tmp_path), "--data-dir", str(synth_root)]
+    capsys.readouterr()  # the run above logged to the console: only the CLI calls below are checked
     one_error_line(["embed", "--init", "random", *root], capsys, "needs --datasets")
     crc = ["--init", "random", "--datasets", "synthetic_crc"]
     one_error_line(["embed", *crc, "--splits", "train,train", *root], capsys, "named twice")

@@ -142,9 +142,9 @@ def test_checkpoint_restores_optimizer_state_in_the_parameters_layout(tmp_path: 
 def test_nan_loss_stops_with_failed_status_and_keeps_checkpoint(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medssl_cli.stages.pretrain import loop
+    from medssl_cli import methods  # the objective the training loop calls (methods.objective)
 
-    real = loop.barlow_twins_loss
+    real = methods.barlow_twins_loss
     calls = {"n": 0}
 
     def flaky(z1, z2, lambd, world_size):  # noqa: ANN001, ANN202
@@ -152,7 +152,7 @@ def test_nan_loss_stops_with_failed_status_and_keeps_checkpoint(
         loss, on, off = real(z1, z2, lambd, world_size)
         return (loss * float("nan"), on, off) if calls["n"] > 3 else (loss, on, off)
 
-    monkeypatch.setattr(loop, "barlow_twins_loss", flaky)
+    monkeypatch.setattr(methods, "barlow_twins_loss", flaky)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step \d+.*Lower --lr"):
         stage.pretrain(tiny(), data_dir=synth_root, runs_root=tmp_path)
     (run_dir,) = tmp_path.iterdir()

@@ -131,3 +131,9 @@ def two_gloo_ranks():  # noqa: ANN201 - returns a runner
         return [load_file(str(Path(out_dir) / f"rank{r}.safetensors")) for r in range(2)]
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test: one logical console line must not be wrapped into several (the one-line checks)."""
+    monkeypatch.setenv("COLUMNS", "400")

@@ -7,18 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from medssl_cli import __version__
-from medssl_cli.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    cap = capsys.readouterr()
-    return int(exc.value.code or 0), cap.out + cap.err
 
 
 def test_help_does_not_import_torch_or_mimeta() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_user_errors import one_error_line
+from cli_helpers import one_error_line
 
 from medssl_cli.cli import main
 from medssl_cli.data.pool import load_pool
@@ -16,11 +16,6 @@ from medssl_cli.readout import backbones
 from medssl_cli.readout.features import extract
 from medssl_cli.runtime import compute
 from medssl_cli.stages.embed import embed
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "400")  # one logical error line must not be wrapped into several
 
 
 def test_embed_writes_features_labels_rows_and_provenance(

@@ -11,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_user_errors import one_error_line
+from cli_helpers import one_error_line
 
 from medssl_cli.errors import UserError
 from medssl_cli.runtime import distributed, launch
 from medssl_cli.runtime.launch import detect
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "400")
 
 
 @pytest.mark.parametrize(

@@ -6,18 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_error_line
 from PIL import Image
-from test_user_errors import one_error_line
 
 from medssl_cli.cli import main
 from medssl_cli.data.importer import import_images
 from medssl_cli.data.registry import validate_info
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "400")  # one logical error line must not be wrapped into several
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

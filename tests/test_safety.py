@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_helpers import run_cli
 
 from medssl_cli import models
-from medssl_cli.cli import main
 from medssl_cli.io import read_json, write_json
 from medssl_cli.recipe import Recipe, override
 from medssl_cli.runs import Run
@@ -55,13 +55,6 @@ def plant(path: Path, marker: Path, how: str = "torch") -> None:
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload))
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out + out.err
 
 
 def one_error(text: str) -> str:

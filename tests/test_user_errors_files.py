@@ -1,4 +1,5 @@
-"""User errors that used to end in a traceback (exit code 1): each is one ``error:`` line and exit code 2.
+"""User errors from files, paths and list options: unreadable or damaged recipe / run / checkpoint files,
+unwritable outputs, empty list items, synth sizes; each is one ``error:`` line and exit code 2.
 
 Cases go through the real CLI entry (``medssl_cli.cli.main``) where that is cheap, else call the
 function and expect a ``UserError``. Run directories are minimal fakes (run.json + recipe.yaml): every
@@ -9,54 +10,19 @@ monkeypatching (tests run as root, where chmod does not stop writes).
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import pathlib
 from pathlib import Path
 
 import pytest
+from cli_helpers import fake_run, one_error_line, run_cli  # noqa: F401 - shared CLI helpers
 
 from medssl_cli import lifecycle, runs
-from medssl_cli.cli import main
 from medssl_cli.commands.common import csv
 from medssl_cli.data import synth
 from medssl_cli.errors import UserError
 from medssl_cli.recipe import read_recipe_file
 from medssl_cli.runtime import checkpoint
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    cap = capsys.readouterr()
-    return int(exc.value.code or 0), cap.out + cap.err
-
-
-def one_error_line(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    """Run the CLI; assert exit code 2, exactly one line, starting with 'error:', holding ``needles``."""
-    code, out = run_cli(args, capsys)
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert code == 2, out
-    assert "Traceback" not in out, out
-    assert len(lines) == 1 and lines[0].startswith("error:"), out
-    for needle in needles:
-        assert needle in lines[0], out
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "400")  # one logical line must not be wrapped into several
-
-
-def fake_run(root: Path, name: str = "pre", stage: str = "pretrain", recipe: str | None = "{}\n") -> Path:
-    """A finished run directory with only run.json (+ recipe.yaml unless ``recipe`` is None)."""
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"stage": stage, "status": "finished", "started": "x"}))
-    if recipe is not None:
-        (d / "recipe.yaml").write_text(recipe)
-    return d
 
 
 # ---------------------------------------------------------------------------------------- 1: recipe file

@@ -13,8 +13,8 @@ import signal
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
-from medssl_cli.cli import main
 from medssl_cli.errors import UserError
 from medssl_cli.io import read_json
 from medssl_cli.recipe import Recipe, override
@@ -43,13 +43,6 @@ def tiny(**extra: object) -> Recipe:
     }
     base.update(extra)
     return override(Recipe(), base)
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out + out.err
 
 
 def one_line_error(code: int, text: str) -> str:

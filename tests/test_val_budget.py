@@ -174,3 +174,20 @@ def test_report_names_the_budget_and_shows_the_optimism_gap(grids: dict[str, Pat
     assert "Validation budget: matched" in text and "Validation budget: full (OPTIMISTIC" in text
     assert "Optimism gap: real_digits" in text and "| Random init | knn | 1% |" in text
     assert "| Random init | linear | 5% |" in text.split("Optimism gap")[1]
+
+
+def test_cross_validation_chooses_the_sgd_heads_epochs_when_val_is_too_small(
+    digits_root: Path, tmp_path
+) -> None:
+    ov = {
+        "data.datasets": ["real_digits"], "data.image_size": 16, "finetune.inits": ["random"],
+        "finetune.fractions": [0.02], "finetune.seeds": [0], "finetune.head": "sgd", "finetune.epochs": 6,
+        "finetune.patience": 2, "finetune.val_budget": 10, "compute.device": "cpu", "compute.threads": 1,
+    }  # fmt: skip
+    grid = finetune(ov, runs_root=tmp_path, data_dir=digits_root)
+    (m,) = _cells(grid.path).values()
+    sel = m["cell"]["val_budget"]["selection"]
+    assert sel["method"] == "cv" and sel["folds"] == 2 and len(sel["fold_best_epochs"]) == 2
+    assert 1 <= sel["epochs"] <= 6 and m["cell"]["chosen"]["stopped_epoch"] == sel["epochs"]
+    full = finetune({**ov, "finetune.val_budget": "full"}, runs_root=tmp_path, data_dir=digits_root, name="f")
+    assert next(iter(_cells(full.path).values()))["cell"]["val_budget"]["selection"]["method"] == "val"

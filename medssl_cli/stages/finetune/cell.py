@@ -31,7 +31,7 @@ from medssl_cli.io import write_json, write_text
 from medssl_cli.lifecycle import logging_to, recording
 from medssl_cli.models import FEATURE_DIM, save_weights
 from medssl_cli.readout.metrics import compute_metrics
-from medssl_cli.readout.probes import LinearFit, choose_c_cv, fit_lbfgs, fit_sgd, knn_scores
+from medssl_cli.readout.probes import LinearFit, choose_c_cv, fit_lbfgs, fit_sgd, knn_scores, stratified_folds
 from medssl_cli.runs import Run, create_run
 from medssl_cli.runtime import distributed
 from medssl_cli.runtime.preempt import GRID_KEPT, Interrupted
@@ -222,6 +222,39 @@ def _select_lbfgs(
     return fit, {"method": "fixed", "C": FIXED_C, "why": why}
 
 
+def _select_sgd(
+    ctx: Context,
+    cell: Cell,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    vb: ValBudget,
+    reference: torch.Tensor,
+) -> tuple[LinearFit, dict[str, Any]]:
+    """Train the SGD head, stopping early on the budget's val images when they allow it (>= 2 per
+    class); else the number of epochs is chosen by stratified k-fold cross-validation on the labelled
+    images (median of the folds' best epochs) and the head is trained that long on all of them."""
+    ft, k = ctx.recipe.finetune, ctx.train.num_classes
+    kw = {"lr": ft.lr_head, "weight_decay": ft.weight_decay, "batch_size": ft.batch_size, "seed": cell.seed,
+          "reference": reference}  # fmt: skip
+    folds = min(CV_FOLDS, int(np.bincount(y.numpy(), minlength=k).min()))
+    if vb.enough or vb.optimistic or folds < 2:
+        fit = fit_sgd(x, y, xv, yv, k, epochs=ft.epochs, patience=ft.patience, **kw)
+        return fit, {"method": "val", "n_val": vb.n, "below_2_per_class": not vb.enough}
+    fold = torch.from_numpy(stratified_folds(y.numpy(), folds, cell.seed))
+    best = [
+        fit_sgd(x[fold != f], y[fold != f], x[fold == f], y[fold == f], k, epochs=ft.epochs,
+                patience=ft.patience, **kw).chosen["epoch"]
+        for f in range(folds)
+    ]  # fmt: skip
+    epochs = int(np.median(best))
+    # nothing held out any more: trained for the CV's epoch count (the best training-set epoch within it)
+    fit = fit_sgd(x, y, x, y, k, epochs=epochs, patience=epochs + 1, **kw)
+    why = f"{folds}-fold cross-validation on the {len(y)} labelled images (val budget below 2 per class)"
+    return fit, {"method": "cv", "folds": folds, "epochs": epochs, "fold_best_epochs": best, "why": why}
+
+
 def _knn(ctx: Context, cell: Cell, idx: np.ndarray, vb: ValBudget) -> tuple[torch.Tensor, dict[str, Any]]:
     """Weighted kNN on L2-normalised frozen features (``probes.knn_scores``), k cut to the labelled
     count: nothing is fitted or chosen on val."""
@@ -257,21 +290,7 @@ def _linear(
         )
         ctx.fits[key] = (fit, selection)
     else:
-        fit = fit_sgd(
-            f_train[idx],
-            y_train[idx],
-            f_val,
-            y_val,
-            k,
-            epochs=ft.epochs,
-            lr=ft.lr_head,
-            weight_decay=ft.weight_decay,
-            batch_size=ft.batch_size,
-            patience=ft.patience,
-            seed=cell.seed,
-            reference=f_train,
-        )
-        selection = {"method": "val", "n_val": vb.n, "below_2_per_class": not vb.enough}
+        fit, selection = _select_sgd(ctx, cell, f_train[idx], y_train[idx], f_val, y_val, vb, f_train)
     fit_s = time.perf_counter() - t0
     ctx.timings["linear_fit_s"] += fit_s
     ctx.timings["linear_fits"] += 1

@@ -343,6 +343,8 @@ def diff(a: Recipe, b: Recipe) -> list[str]:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
 
+METHOD_NAMES = {"barlow_twins": "Barlow Twins", "vicreg": "VICReg", "simclr": "SimCLR"}
+
 # What picking a method changes (dotted keys), from the papers, scaled for the default ResNet-18
 # (512-d features; the papers used ResNet-50 with 2048-d) and a batch of 256, as solo-learn's
 # ResNet-18 recipes do. Barlow Twins: the built-in defaults (official main.py with a 2048-wide

@@ -17,10 +17,10 @@ from torch import Tensor
 from medssl_cli.barlowtwins.loss import barlow_twins_loss
 from medssl_cli.methods.simclr import simclr_loss
 from medssl_cli.methods.vicreg import vicreg_loss
-from medssl_cli.recipe import PretrainRecipe
+from medssl_cli.recipe import METHOD_NAMES, PretrainRecipe
 
 METHODS = ("barlow_twins", "vicreg", "simclr")
-NAMES = {"barlow_twins": "Barlow Twins", "vicreg": "VICReg", "simclr": "SimCLR"}
+NAMES = METHOD_NAMES
 Loss = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor, Tensor]]
 
 

@@ -108,6 +108,13 @@ def use_channels_last(device: torch.device, setting: str, image_size: int | None
     return False
 
 
+def settings_for(c: Any, image_size: int) -> tuple[torch.device, bool, bool]:
+    """(device, bf16, channels_last) that a ``compute`` recipe section asks for at ``image_size`` px,
+    for one process (the distributed stages add ``distributed.rank_device``)."""
+    device = resolve_device(c.device)
+    return device, use_bf16(device, c.precision), use_channels_last(device, c.channels_last, image_size)
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and torch (all devices). ``deterministic`` also fixes cuDNN's algorithm choice
     (cheap); torch.use_deterministic_algorithms is not set, as it makes some CUDA ops raise."""

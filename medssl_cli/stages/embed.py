@@ -82,9 +82,7 @@ def embed(
         pretrain_run=pre,
         seed=recipe.compute.seed,
     )
-    device = compute.resolve_device(recipe.compute.device)
-    bf16 = compute.use_bf16(device, recipe.compute.precision)
-    channels_last = compute.use_channels_last(device, recipe.compute.channels_last, pools[0].image_size)
+    device, bf16, channels_last = compute.settings_for(recipe.compute, pools[0].image_size)
     data = {"root": str(root), **{s: p.provenance() for s, p in zip(splits, pools, strict=True)}}
     extra = {"kind": "features", "init": init, "splits": splits, "backbone": lb.info, "data": data}
     run = create_run(runs_root, "embed", recipe, name=name or init, parent=pre, extra=extra)

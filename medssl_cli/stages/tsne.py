@@ -216,9 +216,7 @@ def _run(
     n_split: int,
 ) -> dict[str, Any]:
     t = recipe.tsne
-    device = compute.resolve_device(recipe.compute.device)
-    bf16 = compute.use_bf16(device, recipe.compute.precision)
-    channels_last = compute.use_channels_last(device, recipe.compute.channels_last, pool.image_size)
+    device, bf16, channels_last = compute.settings_for(recipe.compute, pool.image_size)
     n, labels, k = len(pool), pool.labels, recipe.evaluate.knn_k
     perplexity = effective_perplexity(t.perplexity, n)
     LOG.info(

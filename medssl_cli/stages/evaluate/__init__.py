@@ -48,7 +48,7 @@ from medssl_cli.runs import (
     locate,
 )
 from medssl_cli.runtime import compute
-from medssl_cli.stages.evaluate.knn_probe import device_for, knn_probe
+from medssl_cli.stages.evaluate.knn_probe import knn_probe
 from medssl_cli.stages.evaluate.predictions import write_predictions
 
 LOG = logging.getLogger("medssl")
@@ -107,7 +107,7 @@ def evaluate(
         parent if ssl_cells else None, pool.seen(), root, recipe.evaluate.allow_leakage, what
     )
     no_leak = leakage.check(None, {}, root, True, what)
-    device, bf16, channels_last = device_for(recipe, pool.image_size)
+    device, bf16, channels_last = compute.settings_for(recipe.compute, pool.image_size)
     with logging_to(grid):
         LOG.info(f"Evaluating {len(cells)} cell(s) of {grid.path.name} on {what} ({len(pool)} images)")
         if leak.get("override"):

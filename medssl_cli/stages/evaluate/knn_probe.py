@@ -25,21 +25,11 @@ from medssl_cli.readout import backbones
 from medssl_cli.readout.features import cached
 from medssl_cli.readout.metrics import compute_metrics, plot_confusion
 from medssl_cli.readout.probes import knn_scores
-from medssl_cli.recipe import SECTIONS, Recipe, resolve
+from medssl_cli.recipe import SECTIONS, resolve
 from medssl_cli.runs import create_run, feature_cache_dir, resolve_run
 from medssl_cli.runtime import compute
 
 LOG = logging.getLogger("medssl")
-
-
-def device_for(recipe: Recipe, size: int) -> tuple[torch.device, bool, bool]:
-    """(device, bf16, channels_last) for feature extraction at ``size`` px."""
-    device = compute.resolve_device(recipe.compute.device)
-    return (
-        device,
-        compute.use_bf16(device, recipe.compute.precision),
-        compute.use_channels_last(device, recipe.compute.channels_last, size),
-    )
 
 
 def knn_probe(
@@ -68,7 +58,7 @@ def knn_probe(
     what = f"the {split} split of {', '.join(queries.dataset_ids)}"
     leak = leakage.check(pre, queries.seen(), root, recipe.evaluate.allow_leakage, what)
     lb = backbones.from_pretrain_run(pre, bank.channels)
-    device, bf16, channels_last = device_for(recipe, bank.image_size)
+    device, bf16, channels_last = compute.settings_for(recipe.compute, bank.image_size)
     extra = {
         "kind": "knn",
         "split": split,

@@ -194,6 +194,11 @@ def _budget(ctx: Context, cell: Cell, n_labelled: int) -> ValBudget:
     return val_budget(val.labels, ctx.recipe.finetune.val_budget, n_labelled, cell.seed, val.num_classes)
 
 
+def _cv_folds(y: torch.Tensor, k: int) -> int:
+    """Folds of a stratified CV on the labelled images: at most CV_FOLDS, at most the smallest class."""
+    return min(CV_FOLDS, int(np.bincount(y.numpy(), minlength=k).min()))
+
+
 def _select_lbfgs(
     ctx: Context,
     cell: Cell,
@@ -211,7 +216,7 @@ def _select_lbfgs(
     if vb.enough or vb.optimistic:  # "full" chooses on the whole val split, however small (as before)
         fit = fit_lbfgs(x, y, xv, yv, k, ft.c_grid, reference=reference)
         return fit, {"method": "val", "n_val": vb.n}
-    folds = min(CV_FOLDS, int(np.bincount(y.numpy(), minlength=k).min()))
+    folds = _cv_folds(y, k)
     if folds >= 2:
         c, table = choose_c_cv(x, y, k, ft.c_grid, folds, cell.seed, reference=reference)
         fit = fit_lbfgs(x, y, xv, yv, k, [c], reference=reference)
@@ -238,7 +243,7 @@ def _select_sgd(
     ft, k = ctx.recipe.finetune, ctx.train.num_classes
     kw = {"lr": ft.lr_head, "weight_decay": ft.weight_decay, "batch_size": ft.batch_size, "seed": cell.seed,
           "reference": reference}  # fmt: skip
-    folds = min(CV_FOLDS, int(np.bincount(y.numpy(), minlength=k).min()))
+    folds = _cv_folds(y, k)
     if vb.enough or vb.optimistic or folds < 2:
         fit = fit_sgd(x, y, xv, yv, k, epochs=ft.epochs, patience=ft.patience, **kw)
         return fit, {"method": "val", "n_val": vb.n, "below_2_per_class": not vb.enough}

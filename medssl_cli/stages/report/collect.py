@@ -15,6 +15,7 @@ import yaml
 
 from medssl_cli.errors import short
 from medssl_cli.io import read_json
+from medssl_cli.recipe import METHOD_NAMES
 from medssl_cli.runs import locate
 
 SKIP_STAGES = ("report", "demo", "embed")  # this command's outputs, the demo wrapper, exported features
@@ -138,7 +139,7 @@ def read_pretrain(path: Path, info: dict[str, Any], col: Collection) -> dict[str
         "rankme_peak": metrics.get("rankme_peak"),
         "rankme_init": metrics.get("rankme_init"),
         "rankme_collapsed": metrics.get("rankme_collapsed"),
-        "method": METHOD_NAMES.get(str((info.get("method") or {}).get("method") or "barlow_twins")),
+        "method": method_name(info),
         "device": info.get("device"),
         "precision": info.get("precision"),
         "loss_png": _file(path / "plots" / "loss.png"),
@@ -200,19 +201,21 @@ def _cell(grid: Path, planned: dict[str, Any], col: Collection) -> dict[str, Any
     return rec
 
 
-METHOD_NAMES = {"barlow_twins": "Barlow Twins", "vicreg": "VICReg", "simclr": "SimCLR"}
+def method_name(info: dict[str, Any]) -> str:
+    """ "Barlow Twins" / "VICReg" / "SimCLR": a pretrain run's method, from its run.json."""
+    method = str((info.get("method") or {}).get("method") or "barlow_twins")
+    return METHOD_NAMES.get(method, method)
 
 
 def _method_name(info: dict[str, Any], grid: Path) -> str:
-    """The self-supervised method of the grid's pretrain run (its run.json), for the ssl rows."""
+    """The method of the grid's pretrain run, for the grid's ssl rows."""
     parent = info.get("parent")
     pinfo, _ = (
         _json(locate(parent, grid.parent) / "run.json")
         if isinstance(parent, str) and parent
         else (None, None)
     )
-    method = ((pinfo or {}).get("method") or {}).get("method") if isinstance(pinfo, dict) else None
-    return METHOD_NAMES.get(str(method or "barlow_twins"), str(method))
+    return method_name(pinfo if isinstance(pinfo, dict) else {})
 
 
 def read_grid(path: Path, info: dict[str, Any], col: Collection) -> dict[str, Any]:
